@@ -1,0 +1,282 @@
+"""Batches for training: skip-gram pairs and language-model windows, resumable and sharded by rank.
+
+Both streams are ``IterableDataset`` objects that yield whole batches, so a ``DataLoader`` with
+``batch_size=None`` only moves them. Each knows its length, can start at any batch of any epoch
+(``set_position``), and serves only its rank's share under DDP (disjoint, together the whole).
+``ResumableLoader`` connects them to Lightning: it follows the trainer's epoch and reports the
+position inside it to the checkpoint, so a resumed run sees exactly the batches it had left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+def keep_probabilities(counts: np.ndarray, threshold: float) -> np.ndarray:
+    """word2vec's subsampling: keep a word of frequency ``f`` with probability ``(sqrt(f/t) + 1) * t/f``.
+
+    This is the formula of word2vec C and gensim (Mikolov et al. 2013 wrote ``1 - sqrt(t/f)`` for the
+    discard probability; the code adds the ``t/f`` term). Words rarer than ``t`` are always kept.
+    """
+    frequency = counts / max(int(counts.sum()), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = (np.sqrt(frequency / threshold) + 1) * threshold / frequency
+    return np.minimum(np.nan_to_num(keep, nan=1.0, posinf=1.0), 1.0)
+
+
+def skipgram_pairs(tokens: np.ndarray, windows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(center, context)`` pairs with ``0 < |offset| <= window`` of the center, vectorised.
+
+    ``windows`` is one window per position (word2vec C's reduced window) or one for all. Pairs come
+    grouped by offset; callers shuffle them.
+    """
+    n = len(tokens)
+    windows = np.broadcast_to(np.asarray(windows), (n,))
+    max_window = int(windows.max()) if n else 0
+    centers, contexts = [], []
+    for offset in range(1, max_window + 1):
+        if offset >= n:
+            break
+        # Position i pairs with i + offset when either end's window reaches it.
+        left = np.flatnonzero(windows[:-offset] >= offset)  # i -> i + offset, window of i
+        right = np.flatnonzero(windows[offset:] >= offset)  # i + offset -> i, window of i + offset
+        centers += [tokens[left], tokens[right + offset]]
+        contexts += [tokens[left + offset], tokens[right]]
+    if not centers:
+        empty = np.zeros(0, dtype=tokens.dtype)
+        return empty, empty
+    return np.concatenate(centers), np.concatenate(contexts)
+
+
+class SkipGramStream(IterableDataset):
+    """Shuffled skip-gram batches of ``(center, context)``, regenerated every epoch.
+
+    The corpus is cut into chunks of ``chunk_tokens``; in each epoch every chunk is subsampled,
+    given random windows and turned into pairs with its own random generator (seeded by seed, epoch
+    and chunk), its pairs shuffled, and the chunks visited in a shuffled order. Any batch can so be
+    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap.
+
+    An epoch has a fixed number of pairs (that of epoch 0), so Lightning sees the same length every
+    epoch; other epochs draw slightly more or fewer pairs and are cut, or wrapped, to that number.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        window: int,
+        dynamic_window: bool = True,
+        keep_prob: np.ndarray | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk_tokens: int = 1 << 20,
+    ):
+        if window < 1:
+            raise ValueError(f"window={window}: it must be at least 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: it must be at least 1")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.window = window
+        self.dynamic_window = dynamic_window
+        self.keep_prob = keep_prob
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.chunk_tokens = chunk_tokens
+        self.num_chunks = max(1, math.ceil(len(tokens) / chunk_tokens))
+        self.epoch, self.start = 0, 0
+        self.pairs_per_epoch = int(self._chunk_sizes(0).sum())
+        if self.pairs_per_epoch == 0:
+            raise ValueError(
+                f"{len(tokens)} tokens give no skip-gram pair; the split is too small for window={window}"
+            )
+        self.num_batches = math.ceil(self.pairs_per_epoch / batch_size)
+        self.batches_per_rank = math.ceil(self.num_batches / world_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, (first, last) = self.epoch, self._worker_range()
+        order = self._chunk_order(epoch)
+        sizes = self._chunk_sizes(epoch)[order]
+        ends = np.cumsum(sizes)
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for i in range(first, last, self._worker_step()):
+            g = (self.rank * self.batches_per_rank + i) % self.num_batches
+            lo, hi = g * self.batch_size, min((g + 1) * self.batch_size, self.pairs_per_epoch)
+            centers, contexts = self._pairs_between(epoch, order, ends, lo, hi, cache)
+            yield torch.from_numpy(centers.astype(np.int64)), torch.from_numpy(contexts.astype(np.int64))
+
+    def _worker_range(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        offset = info.id if info is not None else 0
+        return self.start + offset, self.batches_per_rank
+
+    def _worker_step(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        return info.num_workers if info is not None else 1
+
+    def _pairs_between(self, epoch, order, ends, lo, hi, cache):
+        """Pairs at epoch offsets ``[lo, hi)``, wrapping around when this epoch drew fewer pairs."""
+        total = int(ends[-1])
+        pieces = []
+        while lo < hi:
+            at = lo % total
+            k = int(np.searchsorted(ends, at, side="right"))
+            chunk_start = int(ends[k - 1]) if k else 0
+            if order[k] not in cache:
+                cache.clear()  # chunks are visited in order: one is enough
+                cache[order[k]] = self._chunk_pairs(epoch, int(order[k]))
+            centers, contexts = cache[order[k]]
+            take = min(hi - lo, int(ends[k]) - at)
+            a = at - chunk_start
+            pieces.append((centers[a : a + take], contexts[a : a + take]))
+            lo += take
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+
+    def _rngs(self, epoch: int) -> list[np.random.Generator]:
+        """One generator per chunk plus one for the chunk order, all fixed by (seed, epoch)."""
+        seeds = np.random.SeedSequence([self.seed, epoch]).spawn(self.num_chunks + 1)
+        return [np.random.default_rng(s) for s in seeds]
+
+    def _chunk_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_chunks)
+        return self._rngs(epoch)[-1].permutation(self.num_chunks)
+
+    def _subsample_and_windows(self, rng: np.random.Generator, chunk: int):
+        tokens = self.tokens[chunk * self.chunk_tokens : (chunk + 1) * self.chunk_tokens]
+        if self.keep_prob is not None:
+            tokens = tokens[rng.random(len(tokens)) < self.keep_prob[tokens]]
+        if self.dynamic_window:
+            windows = rng.integers(1, self.window + 1, size=len(tokens), dtype=np.int32)
+        else:
+            windows = np.full(len(tokens), self.window, dtype=np.int32)
+        return tokens, windows
+
+    def _chunk_sizes(self, epoch: int) -> np.ndarray:
+        """Number of pairs of every chunk in ``epoch``, from the random draws alone."""
+        rngs = self._rngs(epoch)
+        sizes = np.zeros(self.num_chunks, dtype=np.int64)
+        for chunk in range(self.num_chunks):
+            tokens, windows = self._subsample_and_windows(rngs[chunk], chunk)
+            position = np.arange(len(tokens))
+            before = np.minimum(windows, position)
+            after = np.minimum(windows, len(tokens) - 1 - position)
+            sizes[chunk] = int(before.sum() + after.sum())
+        return sizes
+
+    def _chunk_pairs(self, epoch: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = self._rngs(epoch)[chunk]
+        tokens, windows = self._subsample_and_windows(rng, chunk)
+        centers, contexts = skipgram_pairs(tokens, windows)
+        if self.shuffle:
+            perm = rng.permutation(len(centers))
+            centers, contexts = centers[perm], contexts[perm]
+        return centers, contexts
+
+
+class LanguageModelStream(IterableDataset):
+    """``(inputs, targets)`` windows of ``bptt`` tokens over ``batch_size`` contiguous streams.
+
+    The token sequence is cut into ``batch_size * world_size`` equal rows (PyTorch's
+    word_language_model layout, batch-first); this rank takes ``batch_size`` of them. Batch ``i``
+    holds columns ``[i * bptt, (i + 1) * bptt)`` and its targets are the next tokens, so row ``r`` of
+    batch ``i + 1`` continues row ``r`` of batch ``i``: a model can carry its hidden state.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1):
+        if bptt < 1 or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} and bptt={bptt} must be at least 1")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.rank = rank
+        self.world_size = world_size
+        self.row_length = len(tokens) // (batch_size * world_size)
+        if self.row_length < 2:
+            raise ValueError(
+                f"{len(tokens):,} tokens cannot fill {batch_size * world_size} streams of at least 2 "
+                f"tokens; lower batch_size (or eval_batch_size) or use a larger split"
+            )
+        self.num_batches = math.ceil((self.row_length - 1) / bptt)
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def rows(self) -> np.ndarray:
+        """This rank's ``batch_size`` rows of the token sequence."""
+        streams = self.batch_size * self.world_size
+        grid = self.tokens[: streams * self.row_length].reshape(streams, self.row_length)
+        return grid[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if torch.utils.data.get_worker_info() is not None and torch.utils.data.get_worker_info().num_workers > 1:
+            raise RuntimeError("language-model batches must come in order: use num_workers <= 1")
+        rows = self.rows()
+        for i in range(self.start, self.num_batches):
+            begin = i * self.bptt
+            length = min(self.bptt, self.row_length - 1 - begin)
+            window = torch.from_numpy(rows[:, begin : begin + length + 1].astype(np.int64))
+            yield window[:, :-1], window[:, 1:]
+
+
+Position = Callable[[], tuple[int, int]]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a batch stream that follows the epoch and can start mid-epoch.
+
+    Lightning saves ``state_dict()`` in every checkpoint and calls ``load_state_dict()`` before it
+    resumes. ``position`` tells which epoch runs and how many of its batches were trained on; the
+    DataModule reads both from the trainer (Lightning pre-fetches a batch, so counting the batches
+    handed out would be off by one). Without a trainer, call ``set_epoch`` in your own loop.
+    """
+
+    def __init__(self, stream: SkipGramStream | LanguageModelStream, position: Position | None = None, **kwargs):
+        super().__init__(stream, batch_size=None, **kwargs)
+        self._position = position
+        self._epoch = 0
+        self._resume: tuple[int, int] | None = None
+        self._handed_out = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __iter__(self):
+        epoch = self._position()[0] if self._position else self._epoch
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+        self._resume = None
+        self.dataset.set_position(epoch, start)
+        self._epoch, self._handed_out = epoch, start
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self._position() if self._position else (self._epoch, self._handed_out)
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (state["epoch"], state["batches_done"])

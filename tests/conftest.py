@@ -1,0 +1,40 @@
+"""Shared fixtures: small text8-format corpora written to a temporary folder (no network, no ../shared)."""
+
+from __future__ import annotations
+
+import random
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+def write_corpus(path: Path, text: str, as_zip: bool = False, member: str = "text8") -> Path:
+    """Write ``text`` as a text8 file, or as a zip holding it under ``member``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if as_zip:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(member, text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def zipf_text(num_words: int, vocab: int = 200, seed: int = 0) -> str:
+    """A corpus whose word frequencies fall off like natural text (Zipf), made of letters only."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(vocab)]
+    words = list(dict.fromkeys(words))
+    weights = [1 / (rank + 1) for rank in range(len(words))]
+    return " ".join(rng.choices(words, weights=weights, k=num_words))
+
+
+@pytest.fixture
+def make_corpus(tmp_path):
+    """``make_corpus(text=None, num_words=5000, as_zip=False)`` -> path of a small text8-format corpus."""
+
+    def make(text: str | None = None, num_words: int = 5000, as_zip: bool = False, name: str = "corpus") -> Path:
+        text = zipf_text(num_words) if text is None else text
+        return write_corpus(tmp_path / (name + (".zip" if as_zip else ".txt")), text, as_zip)
+
+    return make

@@ -1,0 +1,223 @@
+"""Getting the corpus: download against a loopback HTTP server, verification, and the errors users see."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_corpus
+from lm_tying.data import CorpusError, Text8DataModule, Vocabulary
+from lm_tying.data.corpus import download, iter_text8_chunks
+from lm_tying.data.vocab import encode_corpus
+
+
+class _Server:
+    """Serves ``routes`` (path -> bytes) on 127.0.0.1; ``/truncated`` promises more bytes than it sends."""
+
+    def __init__(self, routes: dict[str, bytes]):
+        self.routes = routes
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                self.send_response(200)
+                promised = len(body) * 2 if self.path == "/truncated" else len(body)
+                self.send_header("Content-Length", str(promised))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def text8_zip(tmp_path) -> bytes:
+    path = write_corpus(tmp_path / "served" / "served.zip", "the cat sat on the mat the end", as_zip=True)
+    return path.read_bytes()
+
+
+def test_download_verifies_size_caches_and_reads(tmp_path, text8_zip):
+    with _Server({"/text8.zip": text8_zip}) as server:
+        dest = tmp_path / "data" / "text8.zip"
+        download(server.url + "/text8.zip", dest, expected_size=len(text8_zip))
+        assert dest.read_bytes() == text8_zip
+        download(server.url + "/text8.zip", dest, expected_size=len(text8_zip))
+        assert server.requests == ["/text8.zip"], "a verified cached file must be reused"
+        assert list(dest.parent.iterdir()) == [dest], "no temporary file may be left behind"
+        dm = Text8DataModule(data_dir=str(tmp_path / "data2"), url=server.url + "/text8.zip", vocab_size=4)
+        assert dm.vocab.words == ["UNK", "the", "cat", "sat"]
+
+
+def test_download_of_wrong_size_fails_and_leaves_nothing(tmp_path, text8_zip):
+    with _Server({"/text8.zip": text8_zip}) as server:
+        dest = tmp_path / "text8.zip"
+        with pytest.raises(CorpusError, match="expected"):
+            download(server.url + "/text8.zip", dest, expected_size=len(text8_zip) + 1)
+        assert not dest.exists() and list(tmp_path.glob("text8*")) == []
+
+
+def test_interrupted_download_fails_and_leaves_nothing(tmp_path, text8_zip):
+    with _Server({"/truncated": text8_zip}) as server:
+        dest = tmp_path / "text8.zip"
+        with pytest.raises(CorpusError, match="(cut short|failed)"):
+            download(server.url + "/truncated", dest, expected_size=None, timeout=5)
+        assert list(tmp_path.glob("text8*")) == []
+
+
+def test_http_error_names_url_and_fix(tmp_path):
+    with _Server({}) as server:
+        with pytest.raises(CorpusError, match=r"HTTP 404.*--data.path"):
+            download(server.url + "/missing.zip", tmp_path / "text8.zip", expected_size=10)
+
+
+def test_truncated_cached_file_is_reported(tmp_path):
+    dest = tmp_path / "text8.zip"
+    dest.write_bytes(b"PK" * 10)
+    with pytest.raises(CorpusError, match="truncated"):
+        download("http://127.0.0.1:9/none", dest, expected_size=1000)
+
+
+def test_corrupt_zip_served_then_read_is_reported(tmp_path):
+    with _Server({"/text8.zip": b"this is not a zip file at all"}) as server:
+        dm = Text8DataModule(data_dir=str(tmp_path), url=server.url + "/text8.zip")
+        with pytest.raises(CorpusError, match="not a valid zip"):
+            dm.prepare_data()
+
+
+def test_crc_error_is_reported(tmp_path):
+    path = tmp_path / "bad.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("text8", "the cat sat on the mat")
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"the cat")
+    raw[at] = ord("x")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorpusError, match="corrupt zip"):
+        list(iter_text8_chunks(path))
+
+
+def test_zip_without_text8_member(tmp_path):
+    path = write_corpus(tmp_path / "other.zip", "the cat", as_zip=True, member="words.txt")
+    with pytest.raises(CorpusError, match="no member named 'text8'"):
+        list(iter_text8_chunks(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "empty"), ("the Cat sat", "'C' at byte 4"), ("the cat\nsat", r"'\\n' at byte 7"), ("the, cat", "','")],
+)
+def test_bad_text_is_reported_with_position(tmp_path, text, message):
+    path = write_corpus(tmp_path / "bad.txt", text)
+    with pytest.raises(CorpusError, match=message):
+        list(iter_text8_chunks(path))
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        Text8DataModule(path=str(tmp_path / "nope.txt"), data_dir=str(tmp_path)).prepare_data()
+
+
+def test_chunks_cut_at_word_boundaries(tmp_path):
+    text = " ".join(f"w{'a' * (i % 7)}b" for i in range(3000))
+    path = write_corpus(tmp_path / "c.txt", text)
+    chunks = list(iter_text8_chunks(path, chunk_bytes=100))
+    assert len(chunks) > 10
+    assert b"".join(chunks) == text.encode()
+    assert all(c.endswith(b" ") for c in chunks[:-1])
+
+
+def test_vocabulary_by_frequency_with_unk_and_ties_in_order_of_appearance():
+    text = b"b a c a b a d e d"  # a:3 b:2 d:2 c:1 e:1 ; b before d
+    tokens, vocab = encode_corpus([text], vocab_size=4, min_count=None)
+    assert vocab.words == ["UNK", "a", "b", "d"]
+    assert vocab.counts.tolist() == [2, 3, 2, 2]  # UNK counts c and e
+    assert tokens.tolist() == [2, 1, 0, 1, 2, 1, 3, 0, 3]
+    assert vocab.encode(["a", "zzz", "d"]).tolist() == [1, 0, 3]
+    again, vocab2 = encode_corpus([text[:6], text[6:]], vocab_size=4, min_count=None)
+    assert vocab2 == vocab and (again == tokens).all()
+
+
+def test_min_count_and_too_large_vocabulary():
+    text = b"b a c a b a d e d"
+    _, vocab = encode_corpus([text], vocab_size=None, min_count=2)
+    assert vocab.words == ["UNK", "a", "b", "d"]
+    with pytest.raises(CorpusError, match="only 5 distinct words"):
+        encode_corpus([text], vocab_size=7, min_count=None)
+    with pytest.raises(CorpusError, match="min_count"):
+        encode_corpus([text], vocab_size=None, min_count=10)
+
+
+def test_vocabulary_file_round_trip(tmp_path):
+    vocab = Vocabulary(["UNK", "the", "of"], [5, 3, 2])
+    vocab.save(tmp_path / "v.tsv")
+    loaded = Vocabulary.load(tmp_path / "v.tsv")
+    assert loaded == vocab and loaded.counts.tolist() == [5, 3, 2]
+    assert Vocabulary.from_state_dict(vocab.state_dict()) == vocab
+
+
+def test_cache_is_reused_and_keyed_by_file_and_settings(tmp_path, make_corpus, monkeypatch):
+    corpus = make_corpus(num_words=3000, as_zip=True)
+    first = Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "d"), vocab_size=50)
+    tokens = np.array(first.tokens)
+
+    import lm_tying.data.datamodule as datamodule
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(datamodule, "encode_corpus", fail)
+    again = Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "d"), vocab_size=50)
+    assert isinstance(again.tokens, np.memmap) and (again.tokens == tokens).all()
+    assert again.vocab == first.vocab
+    with pytest.raises(AssertionError, match="cache"):
+        Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "d"), vocab_size=60).prepare_data()
+    write_corpus(corpus, "a different corpus now", as_zip=True)
+    with pytest.raises(AssertionError, match="cache"):
+        Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "d"), vocab_size=4).prepare_data()
+
+
+def test_split_is_contiguous_90_5_5(make_corpus, tmp_path):
+    dm = Text8DataModule(path=str(make_corpus(num_words=2000)), data_dir=str(tmp_path), vocab_size=50)
+    parts = [dm.split_tokens(s) for s in ("train", "val", "test")]
+    assert [len(p) for p in parts] == [1800, 100, 100]
+    assert (np.concatenate(parts) == dm.tokens).all()
+
+
+def test_split_too_small_and_bad_fractions(make_corpus, tmp_path):
+    dm = Text8DataModule(path=str(make_corpus(num_words=20)), data_dir=str(tmp_path), vocab_size=5)
+    with pytest.raises(CorpusError, match="too small"):
+        dm.split_tokens("val")
+    with pytest.raises(ValueError, match="summing to 1"):
+        Text8DataModule(split=(0.5, 0.2, 0.2))
+
+
+def test_vocab_file_is_not_needed_by_path(tmp_path: Path, make_corpus):
+    """The vocabulary lives next to the encoded cache, in data_dir, never beside the user's file."""
+    corpus = make_corpus(num_words=500)
+    dm = Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "cache_here"), vocab_size=10)
+    dm.prepare_data()
+    assert list((tmp_path / "cache_here").rglob("vocab.tsv"))
+    assert sorted(p.name for p in corpus.parent.iterdir() if p.is_file()) == [corpus.name]
