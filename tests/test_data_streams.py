@@ -1,0 +1,193 @@
+"""What the DataModule serves: skip-gram pairs, LM windows, DDP shards, and mid-epoch resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lm_tying.data import LanguageModelStream, ResumableLoader, SkipGramStream, Text8DataModule
+from lm_tying.data.streams import keep_probabilities, skipgram_pairs
+
+
+def _all_pairs(stream) -> list[tuple[int, int]]:
+    return [(int(c), int(x)) for centers, contexts in stream for c, x in zip(centers, contexts)]
+
+
+def test_fixed_window_gives_exactly_the_neighbours():
+    tokens = np.arange(50, dtype=np.int32)  # distinct ids: a pair names its positions
+    stream = SkipGramStream(tokens, batch_size=7, window=2, dynamic_window=False, chunk_tokens=1000)
+    pairs = _all_pairs(stream)
+    expected = {(i, j) for i in range(50) for j in range(50) if 0 < abs(i - j) <= 2}
+    assert len(pairs) == len(expected) and set(pairs) == expected
+
+
+def test_tutorial_skip_window_one():
+    centers, contexts = skipgram_pairs(np.array([10, 11, 12], dtype=np.int32), 1)
+    assert sorted(zip(centers.tolist(), contexts.tolist())) == [(10, 11), (11, 10), (11, 12), (12, 11)]
+
+
+def test_dynamic_window_pairs_stay_within_window_and_use_all_sizes():
+    tokens = np.arange(20_000, dtype=np.int32)
+    stream = SkipGramStream(tokens, batch_size=4096, window=5, dynamic_window=True, chunk_tokens=3000)
+    pairs = np.array(_all_pairs(stream))
+    distance = np.abs(pairs[:, 0] - pairs[:, 1])
+    assert distance.min() == 1 and distance.max() == 5
+    # reduced windows: P(window >= d) = (6 - d) / 5, so pairs at distance d fall off linearly
+    counts = np.bincount(distance, minlength=6)[1:]
+    assert np.allclose(counts / counts[0], [1, 0.8, 0.6, 0.4, 0.2], atol=0.03)
+    assert len(pairs) == stream.pairs_per_epoch
+
+
+def test_subsampling_keep_probability_follows_the_formula():
+    counts = np.array([0, 5000, 1000, 100, 10])
+    t = 1e-3
+    f = counts / counts.sum()
+    assert np.allclose(keep_probabilities(counts, t)[1:], np.minimum((np.sqrt(f[1:] / t) + 1) * t / f[1:], 1))
+    assert keep_probabilities(counts, t)[0] == 1.0  # a word never seen is kept, not divided by zero
+
+    rng = np.random.default_rng(0)
+    tokens = rng.choice(len(counts), size=200_000, p=np.array([0, 0.5, 0.3, 0.15, 0.05])).astype(np.int32)
+    keep = keep_probabilities(np.bincount(tokens, minlength=5), 0.05)
+    stream = SkipGramStream(tokens, batch_size=1 << 16, window=1, dynamic_window=False, keep_prob=keep)
+    kept, _ = stream._subsample_and_windows(np.random.default_rng(1), 0)
+    observed = np.bincount(kept, minlength=5)[1:] / np.bincount(tokens, minlength=5)[1:]
+    assert np.allclose(observed, keep[1:], atol=0.01)
+    assert keep[1] < 0.8 and keep[4] == 1.0
+
+
+def test_epochs_are_deterministic_reshuffled_and_equally_long():
+    tokens = np.random.default_rng(0).integers(0, 100, 30_000).astype(np.int32)
+    keep = keep_probabilities(np.bincount(tokens), 0.005)
+
+    def epoch(e, seed=3):
+        stream = SkipGramStream(tokens, 256, 4, keep_prob=keep, seed=seed, chunk_tokens=7000)
+        stream.set_position(e)
+        return [torch.stack(b) for b in stream]
+
+    first, again, second = epoch(0), epoch(0), epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(first) == len(second)
+    assert sum(len(b[0]) for b in first) == sum(len(b[0]) for b in second)
+    assert not torch.equal(first[0], second[0])
+    assert not torch.equal(epoch(0, seed=4)[0], first[0])
+
+
+def test_lm_targets_are_inputs_shifted_and_continue_across_batches():
+    tokens = np.arange(1000, dtype=np.int32)
+    stream = LanguageModelStream(tokens, batch_size=4, bptt=7)
+    batches = list(stream)
+    assert len(batches) == len(stream) == -(-(250 - 1) // 7)
+    for (x, y), (x_next, _) in zip(batches, batches[1:]):
+        assert x.shape == (4, 7) and torch.equal(y, x + 1)
+        assert torch.equal(x_next[:, 0], y[:, -1])  # each row continues where it stopped
+    x, y = batches[-1]
+    assert torch.equal(y[:, -1], torch.tensor([249, 499, 749, 999]))
+    assert x.dtype == torch.int64
+
+
+def test_lm_shards_are_disjoint_rows_covering_the_whole():
+    tokens = np.arange(1200, dtype=np.int32)
+    whole = LanguageModelStream(tokens, batch_size=6, bptt=10).rows()
+    ranks = [LanguageModelStream(tokens, batch_size=3, bptt=10, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    assert np.array_equal(np.concatenate([r.rows() for r in ranks]), whole)
+
+
+@pytest.mark.parametrize("num_batches_divisible", [True, False])
+def test_skipgram_shards_are_disjoint_and_together_the_whole(num_batches_divisible):
+    tokens = np.arange(3000, dtype=np.int32)
+    batch = 100 if num_batches_divisible else 97
+    whole = SkipGramStream(tokens, batch, 3, seed=1, chunk_tokens=1000)
+    shards = [SkipGramStream(tokens, batch, 3, seed=1, rank=r, world_size=2, chunk_tokens=1000) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == -(-len(whole) // 2)
+    batches = [[tuple(map(tuple, torch.stack(b).T.tolist())) for b in s] for s in shards]
+    all_whole = [tuple(map(tuple, torch.stack(b).T.tolist())) for b in whole]
+    seen = Counter(batches[0] + batches[1])
+    assert set(seen) == set(all_whole)  # together the whole epoch
+    padding = len(shards[0]) * 2 - len(whole)
+    assert sum(seen.values()) - len(seen) == padding  # only the padding repeats (as DistributedSampler)
+    assert set(batches[0]).isdisjoint(batches[1][: len(batches[1]) - padding])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
+    tokens = np.random.default_rng(0).integers(0, 50, 5000).astype(np.int32)
+
+    def loader():
+        return ResumableLoader(SkipGramStream(tokens, 64, 2, seed=5, chunk_tokens=1500), num_workers=num_workers)
+
+    straight = loader()
+    straight.set_epoch(2)
+    expected = [torch.stack(b) for b in straight]
+    interrupted = loader()
+    interrupted.set_epoch(2)
+    it = iter(interrupted)
+    head = [torch.stack(next(it)) for _ in range(9)]
+    state = interrupted.state_dict()
+    assert state == {"epoch": 2, "batches_done": 9}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    tail = [torch.stack(b) for b in resumed]
+    assert len(head) + len(tail) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, expected))
+    resumed.set_epoch(3)
+    assert len(list(resumed)) == len(expected), "the resume position applies to its own epoch only"
+
+
+class _Recorder(L.LightningModule):
+    """Records every training batch it sees; one parameter so there is something to optimise."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, int, list[int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        centers, _ = batch
+        self.seen.append((self.current_epoch, batch_idx, centers[:4].tolist()))
+        return (self.weight * centers.float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _trainer(tmp_path, max_steps, callbacks=()):
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
+
+
+def test_lightning_resume_mid_epoch_continues_with_the_same_batches(tmp_path, make_corpus):
+    corpus = make_corpus(num_words=3000)
+
+    def data():
+        return Text8DataModule(
+            path=str(corpus), data_dir=str(tmp_path / "d"), vocab_size=60, batch_size=256, num_workers=0, subsample=1e-2
+        )
+
+    straight = _Recorder()
+    per_epoch = len(data().train_dataloader())
+    total = per_epoch * 2 + 5
+    _trainer(tmp_path / "a", total).fit(straight, datamodule=data())
+    assert len(straight.seen) == total
+
+    stop_at = per_epoch + 3  # in the middle of the second epoch
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=stop_at, save_top_k=-1)
+    first = _Recorder()
+    _trainer(tmp_path / "b", stop_at, [checkpoint]).fit(first, datamodule=data())
+    ckpt = next((tmp_path / "ck").glob("*.ckpt"))
+    second = _Recorder()
+    _trainer(tmp_path / "b", total).fit(second, datamodule=data(), ckpt_path=ckpt)
+    assert first.seen + second.seen == straight.seen
