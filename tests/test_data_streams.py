@@ -13,6 +13,10 @@ from lm_tying.data import LanguageModelStream, ResumableLoader, SkipGramStream, 
 from lm_tying.data.streams import keep_probabilities, skipgram_pairs
 
 
+def _key(batch) -> tuple:
+    return tuple(torch.stack(batch).flatten().tolist())
+
+
 def _all_pairs(stream) -> list[tuple[int, int]]:
     return [(int(c), int(x)) for centers, contexts in stream for c, x in zip(centers, contexts)]
 
@@ -113,12 +117,16 @@ def test_skipgram_shards_are_disjoint_and_together_the_whole(num_batches_divisib
     assert set(batches[0]).isdisjoint(batches[1][: len(batches[1]) - padding])
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
 def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
     tokens = np.random.default_rng(0).integers(0, 50, 5000).astype(np.int32)
 
     def loader():
         return ResumableLoader(SkipGramStream(tokens, 64, 2, seed=5, chunk_tokens=1500), num_workers=num_workers)
+
+    if num_workers > 1:  # workers own blocks of batches, interleaved: the epoch holds the same batches
+        one = ResumableLoader(SkipGramStream(tokens, 64, 2, seed=5, chunk_tokens=1500))
+        assert sorted(map(_key, one)) == sorted(map(_key, loader()))
 
     straight = loader()
     straight.set_epoch(2)
@@ -128,7 +136,7 @@ def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
     it = iter(interrupted)
     head = [torch.stack(next(it)) for _ in range(9)]
     state = interrupted.state_dict()
-    assert state == {"epoch": 2, "batches_done": 9}
+    assert state == {"epoch": 2, "batches_done": 9, "num_workers": num_workers}
     resumed = loader()
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
@@ -137,6 +145,12 @@ def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
     assert all(torch.equal(a, b) for a, b in zip(head + tail, expected))
     resumed.set_epoch(3)
     assert len(list(resumed)) == len(expected), "the resume position applies to its own epoch only"
+
+
+def test_resuming_with_another_number_of_workers_is_refused():
+    stream = SkipGramStream(np.arange(500, dtype=np.int32), 16, 2)
+    with pytest.raises(ValueError, match="num_workers 3"):
+        ResumableLoader(stream, num_workers=1).load_state_dict({"epoch": 0, "batches_done": 4, "num_workers": 3})
 
 
 class _Recorder(L.LightningModule):

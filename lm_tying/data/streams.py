@@ -109,25 +109,29 @@ class SkipGramStream(IterableDataset):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, (first, last) = self.epoch, self._worker_range()
+        epoch = self.epoch
         order = self._chunk_order(epoch)
         sizes = self._chunk_sizes(epoch)[order]
         ends = np.cumsum(sizes)
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for i in range(first, last, self._worker_step()):
+        for i in self._worker_batches():
             g = (self.rank * self.batches_per_rank + i) % self.num_batches
             lo, hi = g * self.batch_size, min((g + 1) * self.batch_size, self.pairs_per_epoch)
             centers, contexts = self._pairs_between(epoch, order, ends, lo, hi, cache)
             yield torch.from_numpy(centers.astype(np.int64)), torch.from_numpy(contexts.astype(np.int64))
 
-    def _worker_range(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        offset = info.id if info is not None else 0
-        return self.start + offset, self.batches_per_rank
+    def _worker_batches(self) -> range:
+        """This worker's batches (of this rank), after the ``start`` already handed out.
 
-    def _worker_step(self) -> int:
+        Each DataLoader worker owns a contiguous block of batches, hence its own chunks, so workers
+        generate pairs in parallel; the DataLoader interleaves them round-robin. The order of an
+        epoch therefore depends on ``num_workers``, and a resume must use the same number.
+        """
         info = torch.utils.data.get_worker_info()
-        return info.num_workers if info is not None else 1
+        workers, me = (info.num_workers, info.id) if info is not None else (1, 0)
+        blocks = _split(self.batches_per_rank, workers)
+        done = _round_robin_taken(self.start, [len(b) for b in blocks])
+        return blocks[me][done[me] :]
 
     def _pairs_between(self, epoch, order, ends, lo, hi, cache):
         """Pairs at epoch offsets ``[lo, hi)``, wrapping around when this epoch drew fewer pairs."""
@@ -240,6 +244,25 @@ class LanguageModelStream(IterableDataset):
             yield window[:, :-1], window[:, 1:]
 
 
+def _split(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into ``parts`` contiguous blocks of ``ceil(n / parts)`` (the last ones shorter)."""
+    size = math.ceil(n / parts)
+    return [range(min(p * size, n), min((p + 1) * size, n)) for p in range(parts)]
+
+
+def _round_robin_taken(handed_out: int, lengths: list[int]) -> list[int]:
+    """How many items each source gave when ``handed_out`` were taken round-robin, skipping empty ones."""
+    taken = [0] * len(lengths)
+    while handed_out > 0:
+        active = [i for i, n in enumerate(lengths) if taken[i] < n]
+        if not active:
+            break
+        for i in active[:handed_out]:
+            taken[i] += 1
+        handed_out -= min(handed_out, len(active))
+    return taken
+
+
 Position = Callable[[], tuple[int, int]]
 
 
@@ -276,7 +299,13 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epoch, done = self._position() if self._position else (self._epoch, self._handed_out)
-        return {"epoch": epoch, "batches_done": done}
+        return {"epoch": epoch, "batches_done": done, "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        saved_workers = state.get("num_workers", self.num_workers)
+        if isinstance(self.dataset, SkipGramStream) and max(saved_workers, 1) != max(self.num_workers, 1):
+            raise ValueError(
+                f"this checkpoint was written with data num_workers={saved_workers}, which fixes the order of "
+                f"the skip-gram batches; resume with --data.num_workers {saved_workers} to continue the same run"
+            )
         self._resume = (state["epoch"], state["batches_done"])
