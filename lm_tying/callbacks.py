@@ -1,0 +1,417 @@
+"""Cross-cutting training behaviour as Lightning callbacks (the models stay free of Trainer logic).
+
+- :class:`EmbeddingProjector`: the most frequent words' vectors + their words for TensorBoard's Projector tab.
+- :class:`LastCheckpoint`: ``<dir>/last.ckpt`` always current: every N steps, at the end of fit, on SIGTERM/Ctrl-C.
+- :class:`RandomStateCheckpoint`: global and model-owned random generators travel in checkpoints (exact resume).
+- :class:`GracefulInterrupt`: the first Ctrl-C stops like SIGTERM (finish the step, save, exit); the second aborts.
+- :class:`RunMetadata`: the run name and TensorBoard version in each checkpoint, so a resume logs into the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+PROJECTOR_CONFIG = "projector_config.pbtxt"
+
+
+# --------------------------------------------------------------------------------------------------- projector
+def most_frequent_ids(counts: np.ndarray, n: int, include_unk: bool = False) -> np.ndarray:
+    """Ids of the ``n`` most frequent words (stable for ties), by count rather than by assuming id order."""
+    counts = np.asarray(counts)
+    order = np.argsort(-counts, kind="stable")
+    if not include_unk:
+        order = order[order != 0]  # UNK (id 0) stands for every rare word: its vector is not a word's
+    return order[:n]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """TensorBoard may read while we write: it must only ever see a complete file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_projector_files(
+    log_dir: str | os.PathLike,
+    vectors: np.ndarray,
+    words: list[str],
+    tensor_name: str,
+    subdir: str,
+) -> Path:
+    """Write ``tensors.tsv`` + ``metadata.tsv`` under ``log_dir/subdir`` and register them in the run's
+    ``projector_config.pbtxt`` (what TensorBoard's projector plugin reads; paths relative to the config,
+    which the plugin requires to stay inside the run directory). Existing entries are kept, an entry with
+    the same ``tensor_name`` is replaced, so resumed runs add to the same config.
+    """
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    if vectors.ndim != 2 or len(vectors) != len(words):
+        raise ValueError(f"{vectors.shape} vectors for {len(words)} words")
+    for w in words:
+        if "\t" in w or "\n" in w:
+            raise ValueError(f"word {w!r} cannot be a projector label (tab or newline)")
+    log_dir = Path(log_dir)
+    target = log_dir / subdir
+    target.mkdir(parents=True, exist_ok=True)
+    tensor_tmp = target / f".tensors.tsv.tmp-{os.getpid()}"
+    np.savetxt(tensor_tmp, np.asarray(vectors, dtype=np.float32), fmt="%.6g", delimiter="\t")
+    os.replace(tensor_tmp, target / "tensors.tsv")
+    # One column and no header: the plugin treats a first line without a tab as data.
+    _atomic_write_text(target / "metadata.tsv", "".join(f"{w}\n" for w in words))
+
+    config = ProjectorConfig()
+    config_path = log_dir / PROJECTOR_CONFIG
+    if config_path.exists():
+        text_format.Parse(config_path.read_text(encoding="utf-8"), config)
+    kept = [e for e in config.embeddings if e.tensor_name != tensor_name]
+    del config.embeddings[:]
+    config.embeddings.extend(kept)
+    entry = config.embeddings.add()
+    entry.tensor_name = tensor_name
+    entry.tensor_path = f"{subdir}/tensors.tsv"
+    entry.metadata_path = f"{subdir}/metadata.tsv"
+    entry.tensor_shape.extend(list(vectors.shape))
+    _atomic_write_text(config_path, text_format.MessageToString(config))
+    return target
+
+
+class EmbeddingProjector(Callback):
+    """Puts the ``num_visualize`` most frequent words' embeddings, labelled with the words, in TensorBoard's
+    Projector tab (as the classic word2vec tutorial plots them), for either model.
+
+    Written into the TensorBoard run directory every ``every_n_validations`` validations during fit and once at
+    the end of fit, by global rank 0 only, one snapshot per global step (``<tag>:<step>`` in the tab's menu).
+    """
+
+    def __init__(
+        self,
+        num_visualize: int = 3000,
+        every_n_validations: Optional[int] = 10,
+        tag: str = "word_embeddings",
+        include_unk: bool = False,
+    ) -> None:
+        """
+        Args:
+            num_visualize: How many of the most frequent words to show (3,000 as in the classic tutorial).
+            every_n_validations: Also write a snapshot every this many validation runs during fit
+                (``None`` or 0: only at the end of fit).
+            tag: Name of the embedding in the Projector tab (the step is appended).
+            include_unk: Also show ``UNK``, the vector shared by all out-of-vocabulary words.
+        """
+        if num_visualize < 1:
+            raise ValueError(f"num_visualize={num_visualize}: it must be at least 1")
+        self.num_visualize = num_visualize
+        self.every_n_validations = every_n_validations or 0
+        self.tag = tag
+        self.include_unk = include_unk
+        self._validations = 0
+        self._last_written_step: Optional[int] = None
+        self._warned = False
+
+    def _log_dir(self, trainer: pl.Trainer) -> Optional[str]:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.log_dir
+        if not self._warned:
+            rank_zero_warn("EmbeddingProjector: no TensorBoardLogger among the trainer's loggers; nothing written.")
+            self._warned = True
+        return None
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Path]:
+        """Write one snapshot at the current global step (rank 0; other ranks return ``None``)."""
+        if not trainer.is_global_zero:
+            return None
+        step = trainer.global_step
+        if self._last_written_step == step:
+            return None
+        vocab = getattr(pl_module, "vocab", None)
+        if vocab is None:
+            rank_zero_warn("EmbeddingProjector: the model has no vocabulary; nothing written.")
+            return None
+        log_dir = self._log_dir(trainer)
+        if log_dir is None:
+            return None
+        ids = most_frequent_ids(vocab.counts, self.num_visualize, self.include_unk)
+        with torch.no_grad():
+            matrix = pl_module.input_embeddings()
+            index = torch.as_tensor(ids, dtype=torch.long, device=matrix.device)
+            vectors = matrix.detach().index_select(0, index).float().cpu().numpy()
+        words = [vocab.words[i] for i in ids]
+        target = write_projector_files(
+            log_dir, vectors, words, tensor_name=f"{self.tag}:{step:06d}", subdir=f"{self.tag}/{step:06d}"
+        )
+        self._last_written_step = step
+        return target
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._validations += 1
+        if self.every_n_validations and self._validations % self.every_n_validations == 0:
+            self.write(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt``, always current: every ``every_n_train_steps`` steps, at the end of fit (also when
+    the last step is not a multiple of the interval; Lightning's ``ModelCheckpoint`` skips that case), and when fit
+    stops on SIGTERM or Ctrl-C (see :class:`GracefulInterrupt`). Lightning raises ``SIGTERMException`` only between
+    steps, so the saved state is a consistent one to resume from. Nothing else is kept (``save_top_k=0``).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 1000) -> None:
+        """
+        Args:
+            dirpath: Directory of ``last.ckpt`` (the CLI uses ``checkpoints/<run name>``).
+            every_n_train_steps: Save every this many optimizer steps (0: only at the end and on interrupts).
+        """
+        super().__init__(
+            dirpath=dirpath,
+            monitor=None,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
+
+    def _save_last_now(self, trainer: pl.Trainer) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The step that reaches max_steps is saved *here*, mid-epoch: by on_train_end Lightning has already marked
+        # the epoch as finished, and a checkpoint taken then would resume at the start of the next epoch.
+        if (
+            trainer.max_steps is not None
+            and trainer.max_steps > 0
+            and trainer.global_step >= trainer.max_steps
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Any other end (max_epochs, early stopping, max_time): the state at the end is the one to continue from.
+        if trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_last_now(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Only the signal path: a bare KeyboardInterrupt or an error may come in the middle of an optimizer step.
+        if not isinstance(exception, SIGTERMException):
+            return
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_now(trainer)
+        rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; last checkpoint: {self.last_model_path}")
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # Tensors and plain numbers only: checkpoints must load with torch.load(weights_only=True).
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
+def find_generators(module: torch.nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held as an attribute of ``module`` or its submodules (e.g. a negative sampler's),
+    keyed ``<submodule path>.<attribute>``."""
+    found: dict[str, torch.Generator] = {}
+    for prefix, sub in module.named_modules():
+        for name, value in vars(sub).items():
+            if isinstance(value, torch.Generator):
+                found[f"{prefix}.{name}" if prefix else name] = value
+    return found
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves and restores every random generator training draws from (torch CPU and CUDA, numpy, Python, and
+    ``torch.Generator`` attributes of the model), so that ``k`` steps + resume gives the same weights as one run.
+
+    - The states are taken when the checkpoint is written (after the optimizer step of the saved batch) and applied
+      just before the first training batch after the restore, i.e. at the same point of the sequence.
+    - Under DDP each rank's states are gathered into the checkpoint (ranks draw different negatives/dropout masks)
+      and each rank gets its own back (if the world size matches; otherwise rank 0's with a warning).
+    - Validation runs inside fit with the generators saved before and restored after, so evaluating (which may
+      sample, e.g. NCE negatives) never changes what training draws: a checkpoint saved right before a validation
+      resumes exactly, and the validation frequency does not change the training trajectory.
+    """
+
+    def __init__(self) -> None:
+        self._module: Optional[pl.LightningModule] = None
+        self._trainer: Optional[pl.Trainer] = None
+        self._pending: Optional[dict[str, Any]] = None
+        self._around_validation: Optional[dict[str, Any]] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer, self._module = trainer, pl_module
+
+    def _collect(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": {},
+        }
+        if self._module is not None:
+            state["generators"] = {k: g.get_state() for k, g in find_generators(self._module).items()}
+        return state
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        _set_numpy_state(state["numpy"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        cuda = state.get("cuda") or []
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        if self._module is not None:
+            generators = find_generators(self._module)
+            for name, value in state.get("generators", {}).items():
+                if name in generators:
+                    generators[name].set_state(value)
+                else:
+                    rank_zero_warn(f"RandomStateCheckpoint: the model has no generator {name!r} any more; skipped.")
+
+    def state_dict(self) -> dict[str, Any]:
+        local = self._collect()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank dumps the checkpoint together (Lightning saves in lockstep), so the gather is safe.
+            ranks: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, local)
+            return {"ranks": ranks}
+        return {"ranks": [local]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict.get("ranks") or []
+        if not ranks:
+            return
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(ranks) != world:
+            rank_zero_warn(
+                f"The checkpoint holds the random state of {len(ranks)} process(es), this run has {world}: every "
+                "process continues from rank 0's state, so the resumed run is not bit-identical to an uninterrupted one."
+            )
+            rank = 0
+        self._pending = ranks[rank]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            self._apply(self._pending)
+            self._pending = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._around_validation = self._collect()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._around_validation is not None:
+            self._apply(self._around_validation)
+            self._around_validation = None
+
+
+class GracefulInterrupt(Callback):
+    """The first Ctrl-C (SIGINT) during fit takes Lightning's SIGTERM path: the current step finishes, the
+    ``on_exception`` hooks run (:class:`LastCheckpoint` saves ``last.ckpt``) and fit stops. A second Ctrl-C
+    interrupts at once, as usual. (A bare ``KeyboardInterrupt`` can land between ``backward`` and the end of an
+    in-place optimizer update; a checkpoint taken there would not be a state training ever passed through.)
+    """
+
+    #: The signal number that stopped the last fit in this process (SIGTERM or SIGINT), for the exit status.
+    received: Optional[int] = None
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._installed = False
+        self._trainer: Optional[pl.Trainer] = None
+
+    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
+        trainer = self._trainer
+        connector = getattr(trainer, "_signal_connector", None)
+        if trainer is None or connector is None or connector.received_sigterm:
+            raise KeyboardInterrupt
+        GracefulInterrupt.received = signum
+        rank_zero_info("\nCtrl-C: finishing the current step and saving last.ckpt (press Ctrl-C again to abort) ...")
+        # Lightning checks this flag between steps (and broadcasts rank 0's under DDP) and raises SIGTERMException.
+        connector.received_sigterm = True
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handler)
+        self._installed = True
+
+    def _uninstall(self) -> None:
+        if self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        self._installed = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        GracefulInterrupt.received = None
+        self._install(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and GracefulInterrupt.received is None:
+            GracefulInterrupt.received = signal.SIGTERM
+        self._uninstall()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._uninstall()
+
+
+class RunMetadata(Callback):
+    """Records the run name and the TensorBoard version in every checkpoint (``checkpoint["lm_tying_run"]``), so
+    that ``lm-tying fit --ckpt_path ...`` continues logging into the same TensorBoard run."""
+
+    def __init__(self, run_name: str) -> None:
+        self.run_name = run_name
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        version = None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                version = logger.version
+                break
+        checkpoint["lm_tying_run"] = {"run_name": self.run_name, "log_version": version}

@@ -1,0 +1,164 @@
+"""Trained vectors out of the project, in the formats the ecosystem reads.
+
+- ``*.txt``: word2vec text format; ``*.bin``: word2vec binary format. Both load with
+  ``gensim.models.KeyedVectors.load_word2vec_format(path, binary=path.endswith(".bin"))``.
+- a directory: ``vectors.tsv`` (one row of tab-separated floats per word) + ``metadata.tsv`` (one word per
+  line, no header: the single-column form), the pair https://projector.tensorflow.org loads with "Load".
+
+The matrix is the model's own ``input_embeddings()`` (word2vec: the input embedding; the LM: the tied
+matrix), its row names the vocabulary stored in the checkpoint, rows in vocabulary order (most frequent first).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lm_tying.models.base import WordEmbeddingModule
+
+
+KNOWN_MODELS = {
+    "Word2Vec": "lm_tying.models.word2vec.Word2Vec",
+    "LSTMLanguageModel": "lm_tying.models.lstm_lm.LSTMLanguageModel",
+}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (bad output path ...)."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable lm-tying checkpoint."""
+
+
+def load_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint as a dict (CPU), with a clear error when it is not a checkpoint at all."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unpicklable content ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def checkpoint_model_class_path(checkpoint: dict[str, Any], path: str | os.PathLike) -> str:
+    """The import path of the model class that wrote ``checkpoint`` (an lm-tying checkpoint, or a clear error)."""
+    kind = checkpoint.get("lm_tying_model")
+    if not kind:
+        raise CheckpointError(
+            f"{str(path)!r} is not an lm-tying checkpoint (no 'lm_tying_model' entry): "
+            "pass a checkpoint written by `lm-tying fit` (checkpoints/<run>/last.ckpt or best.ckpt)"
+        )
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")  # written by LightningCLI
+    if class_path:
+        return str(class_path)
+    if kind in KNOWN_MODELS:
+        return KNOWN_MODELS[kind]
+    raise CheckpointError(f"{str(path)!r} was written by an unknown model {kind!r}; known: {', '.join(KNOWN_MODELS)}")
+
+
+def load_model(ckpt_path: str | os.PathLike) -> WordEmbeddingModule:
+    """The model that wrote ``ckpt_path``, on CPU in eval mode, with its vocabulary (no data needed)."""
+    header = load_checkpoint_header(ckpt_path)
+    class_path = checkpoint_model_class_path(header, ckpt_path)
+    if "vocabulary" not in header:
+        raise ExportError(f"{str(ckpt_path)!r} holds no vocabulary: it was saved before the model saw any data")
+    del header
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ExportError(f"{str(ckpt_path)!r} needs the model class {class_path}, which cannot be imported: {e}")
+    if not (isinstance(cls, type) and issubclass(cls, WordEmbeddingModule)):
+        raise ExportError(f"{class_path} is not a WordEmbeddingModule")
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    model.eval()
+    return model
+
+
+def _check_writable(directory: Path) -> None:
+    if not directory.exists():
+        raise ExportError(f"cannot write into {str(directory)!r}: the directory does not exist")
+    if not directory.is_dir():
+        raise ExportError(f"cannot write into {str(directory)!r}: it is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write into {str(directory)!r}: permission denied")
+
+
+def output_kind(output: str | os.PathLike) -> str:
+    """``"text"``, ``"binary"`` or ``"projector"`` (a directory: an existing one, or a name without suffix)."""
+    out = Path(output)
+    if out.is_dir() or str(output).endswith(os.sep) or out.suffix == "":
+        return "projector"
+    if out.suffix == ".txt":
+        return "text"
+    if out.suffix == ".bin":
+        return "binary"
+    raise ExportError(f"--output {str(output)!r}: give a .txt file (word2vec text), a .bin file (binary) or a directory")
+
+
+def write_projector_tsv(words: list[str], vectors: np.ndarray, directory: str | os.PathLike) -> list[Path]:
+    """``vectors.tsv`` + ``metadata.tsv`` in ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vectors_path, metadata_path = directory / "vectors.tsv", directory / "metadata.tsv"
+    tmp = directory / f".vectors.tsv.tmp-{os.getpid()}"
+    np.savetxt(tmp, np.asarray(vectors, dtype=np.float32), fmt="%.6g", delimiter="\t")
+    os.replace(tmp, vectors_path)
+    tmp = directory / f".metadata.tsv.tmp-{os.getpid()}"
+    tmp.write_text("".join(f"{w}\n" for w in words), encoding="utf-8")
+    os.replace(tmp, metadata_path)
+    return [vectors_path, metadata_path]
+
+
+def export(ckpt_path: str | os.PathLike, output: str | os.PathLike, limit: Optional[int] = None) -> list[Path]:
+    """Write the checkpoint's word vectors to ``output`` (format from the name, see the module docstring);
+    ``limit`` keeps the most frequent words only. Returns the files written."""
+    kind = output_kind(output)
+    out = Path(output)
+    # Check the destination before the (possibly long) model load.
+    if kind == "projector":
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--output {str(out)!r} exists and is not a directory")
+        parent = out if out.is_dir() else out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        _check_writable(parent)
+    else:
+        if out.is_dir():
+            raise ExportError(f"--output {str(out)!r} is a directory; name a .txt or .bin file")
+        _check_writable(out.parent if str(out.parent) else Path("."))
+    if limit is not None and limit < 1:
+        raise ExportError(f"--limit {limit}: it must be at least 1")
+
+    model = load_model(ckpt_path)
+    wv = model.word_vectors()
+    words = list(wv.index_to_key)
+    vectors = np.asarray(wv.vectors, dtype=np.float32)
+    if limit is not None:
+        words, vectors = words[:limit], vectors[:limit]
+    if kind == "projector":
+        return write_projector_tsv(words, vectors, out)
+
+    from lm_tying.vectors import WordVectors
+
+    subset = WordVectors(words, vectors) if limit is not None else wv
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        subset.save_word2vec_format(tmp, binary=kind == "binary")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return [out]
