@@ -205,15 +205,16 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Replaces ModelCheckpoint's version (no monitor to wait for; same for manual optimization, where the
+        # parent warns about "pre-optimization state": last.ckpt is meant to hold the state after the step).
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        every = self._every_n_train_steps
+        due = every >= 1 and trainer.global_step % every == 0
         # The step that reaches max_steps is saved *here*, mid-epoch: by on_train_end Lightning has already marked
         # the epoch as finished, and a checkpoint taken then would resume at the start of the next epoch.
-        if (
-            trainer.max_steps is not None
-            and trainer.max_steps > 0
-            and trainer.global_step >= trainer.max_steps
-            and not self._should_skip_saving_checkpoint(trainer)
-        ):
+        final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if due or final:
             self._save_last_now(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,215 @@
+"""Helpers for the end-to-end CLI tests: run ``lm-tying`` in a subprocess on a tiny corpus, tiny configs,
+and test-only callbacks that the subprocesses load by class path (this directory is put on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from conftest import zipf_text
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+MODELS = ("word2vec", "lm")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONWARNINGS"] = "ignore"
+    e.pop("LM_TYING_DEBUG", None)
+    return e
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m lm_tying.cli ARGS`` in ``cwd``; fails the test with the output when ``check`` and rc != 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_tying.cli", *args],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lm-tying {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lm_tying.cli", *args],
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def write_corpus(directory: Path, num_words: int = 6000, name: str = "corpus.txt", seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(zipf_text(num_words, seed=seed))
+    return path
+
+
+def tiny_config(model: str, corpus: Path, **trainer: Any) -> dict[str, Any]:
+    """A config small enough for a few seconds on one CPU core; deterministic (seeded, no worker processes)."""
+    if model == "word2vec":
+        model_cfg = {
+            "class_path": "lm_tying.models.word2vec.Word2Vec",
+            "init_args": {"embedding_dim": 16, "num_sampled": 8, "evaluate": False, "average_loss_every": 0},
+        }
+        data_args = {"mode": "skipgram", "batch_size": 256, "window": 2}
+    elif model == "lm":
+        model_cfg = {
+            "class_path": "lm_tying.models.lstm_lm.LSTMLanguageModel",
+            "init_args": {"embedding_dim": 16, "hidden_dim": 16, "num_layers": 1},
+        }
+        data_args = {"mode": "lm", "batch_size": 4, "bptt": 10, "eval_batch_size": 2}
+    else:
+        raise ValueError(model)
+    trainer_cfg = {
+        "max_steps": 12,
+        "val_check_interval": 5,
+        "limit_val_batches": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
+    trainer_cfg.update(trainer)
+    return {
+        "seed_everything": 0,
+        "model": model_cfg,
+        "data": {
+            "class_path": "lm_tying.data.Text8DataModule",
+            "init_args": {"path": str(corpus), "data_dir": "data", "vocab_size": 100, "num_workers": 0, **data_args},
+        },
+        "trainer": trainer_cfg,
+        "checkpoint": {"every_n_train_steps": 4},
+        "projector": {"num_visualize": 50, "every_n_validations": 1},
+    }
+
+
+def write_config(directory: Path, model: str, corpus: Path, name: str | None = None, **trainer: Any) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name or model}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(model, corpus, **trainer), sort_keys=False))
+    return path
+
+
+def callbacks_arg(*callbacks: tuple[str, dict[str, Any]]) -> list[str]:
+    """``--trainer.callbacks`` for test-only callbacks of this module (class name, init args)."""
+    value = [{"class_path": f"cli_support.{name}", "init_args": args} for name, args in callbacks]
+    return ["--trainer.callbacks", json.dumps(value)]
+
+
+def load_ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k].float() - b[k].float()).abs().max():.3g}"
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- test-only callbacks
+class SignalAtStep(Callback):
+    """Sends ``signum`` to its own process after training step ``step``, as a user or scheduler would.
+
+    With ``during_save`` the signal (meant for SIGKILL) arrives in the middle of the next checkpoint write
+    instead: ``torch.save`` in the checkpoint plugin writes part of the bytes, then the process is killed.
+    """
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), during_save: bool = False, rank: int = 0) -> None:
+        self.step, self.signum, self.during_save, self.rank = step, signum, during_save, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        if not self.during_save:
+            os.kill(os.getpid(), self.signum)
+            return
+        import lm_tying.checkpoint_io as cio
+
+        signum = self.signum
+
+        def torn_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signum)
+
+        cio.torch = _TorchProxy(torn_save)  # only the plugin's module sees it; torch.save itself stays intact
+
+
+class _TorchProxy:
+    """``torch`` with ``save`` replaced (only inside ``lm_tying.checkpoint_io``)."""
+
+    def __init__(self, save: Any) -> None:
+        self.save = save
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class RecordBatches(Callback):
+    """Writes, per rank, every training batch it saw (with its global step) and the final parameters to
+    ``out_dir/rank<r>.pt`` at the end of fit (appending to what an earlier, interrupted fit recorded)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.batches: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        a, b = (t.detach().cpu().clone() for t in batch)
+        self.batches.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "a": a, "b": b})
+
+    def _dump(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}.pt"
+        previous = torch.load(path, weights_only=True)["batches"] if path.exists() else []
+        torch.save(
+            {
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "global_step": trainer.global_step,
+                "batches": previous + self.batches,
+                "params": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            },
+            path,
+        )
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._dump(trainer, pl_module)
