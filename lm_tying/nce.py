@@ -1,0 +1,441 @@
+"""Candidate samplers and sampled softmax-free losses for word2vec: NCE and negative sampling.
+
+Everything here follows TensorFlow's ``tf.nn.nce_loss`` / ``tf.random.*_candidate_sampler`` semantics,
+written as plain tensor math so each step can be checked against the formulas:
+
+* A sampler draws ``num_sampled`` classes **once per batch**; all examples share them.
+* The *expected count* of a class is how often it is expected to appear among the draws:
+  ``num_sampled * p`` for sampling with replacement (``unique=False``), and
+  ``1 - (1 - p) ** num_tries`` for ``unique=True``, where the sampler kept drawing
+  (``num_tries`` draws in total) until it had ``num_sampled`` distinct classes.
+* NCE subtracts ``log(expected count)`` from the true and the sampled logits (the "log Q" correction),
+  applies the sigmoid cross-entropy with target 1 for the true class and 0 for the sampled ones, sums
+  over those ``num_true + num_sampled`` terms and averages over the batch.
+* Negative sampling (Mikolov et al., 2013) is the same objective *without* the log Q correction,
+  with noise drawn from the unigram distribution raised to the power 0.75.
+
+Samplers are ``nn.Module``s whose tables are buffers: they move with the model (``.to(device)``),
+are saved in checkpoints, and keep float64 precision even when the model is cast to a low precision
+(a bf16 cumulative distribution over 50,000 words would be useless). Sampling uses the global torch RNG
+of the target device unless an explicit ``torch.Generator`` is passed, so ``seed_everything`` makes runs
+reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SampledValues",
+    "CandidateSampler",
+    "LogUniformSampler",
+    "UnigramSampler",
+    "make_sampler",
+    "gather_rows",
+    "sampled_logits",
+    "grouped_matmul",
+    "expand_groups",
+    "accidental_hits",
+    "nce_loss",
+    "negative_sampling_loss",
+]
+
+
+class SampledValues(NamedTuple):
+    """What a candidate sampler returns, as TF's ``sampled_values`` triple."""
+
+    sampled: Tensor  # LongTensor[num_sampled]: the shared negative classes
+    true_expected_count: Tensor  # float32, shape of labels
+    sampled_expected_count: Tensor  # float32[num_sampled]
+    num_tries: int  # draws made (== num_sampled unless unique=True)
+
+
+def _first_occurrence(x: Tensor) -> Tensor:
+    """Boolean mask marking the first position at which each value of the 1-D tensor ``x`` occurs.
+
+    Why a stable sort: among equal values the earliest position comes first, so "differs from its
+    sorted predecessor" is exactly "first occurrence" -- vectorised, no Python loop over draws.
+    """
+    sorted_x, order = torch.sort(x, stable=True)
+    first_sorted = torch.ones_like(sorted_x, dtype=torch.bool)
+    first_sorted[1:] = sorted_x[1:] != sorted_x[:-1]
+    mask = torch.empty_like(first_sorted)
+    mask[order] = first_sorted
+    return mask
+
+
+class CandidateSampler(nn.Module):
+    """Base class: i.i.d. draws from a fixed distribution ``p`` over ``[0, num_classes)``.
+
+    Subclasses implement :meth:`log_prob` (float64) and :meth:`draw`. This class adds TF's
+    ``unique`` sampling and the expected counts that the NCE correction needs.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+
+    # --- to implement -------------------------------------------------------------------------
+    def log_prob(self, ids: Tensor) -> Tensor:
+        """log p(ids) in float64."""
+        raise NotImplementedError
+
+    def draw(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` i.i.d. class ids (LongTensor[n])."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------
+    def probs(self, device: torch.device | str | None = None) -> Tensor:
+        """The full distribution p (float64[num_classes])."""
+        return self.log_prob(torch.arange(self.num_classes, device=device)).exp()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # Follow device moves but keep the float64 tables float64 under .half()/.to(bfloat16):
+        # low-precision probabilities would bias both the draws and the log Q correction.
+        saved = {k: b for k, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
+        super()._apply(fn, recurse)
+        for k, b in saved.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != torch.float64:
+                self._buffers[k] = b.to(new.device)
+        return self
+
+    def sample(
+        self,
+        num_sampled: int,
+        unique: bool = True,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, int]:
+        """Draw the shared negatives: returns ``(ids[num_sampled], num_tries)``.
+
+        ``unique=False``: ``num_sampled`` draws with replacement, ``num_tries == num_sampled``.
+        ``unique=True``: keep drawing until ``num_sampled`` distinct classes were seen; ids are the
+        distinct classes in the order of their first draw and ``num_tries`` counts all draws (TF).
+        Vectorised: draws come in chunks that are *extended* (never redrawn, which would bias
+        ``num_tries`` towards short runs) until enough distinct classes appeared.
+        """
+        if num_sampled < 1:
+            raise ValueError(f"num_sampled must be >= 1, got {num_sampled}")
+        if not unique:
+            return self.draw(num_sampled, device, generator), num_sampled
+        if num_sampled > self.num_classes:
+            raise ValueError(
+                f"unique sampling of {num_sampled} distinct classes is impossible with {self.num_classes} classes"
+            )
+        draws = self.draw(max(2 * num_sampled, 16), device, generator)
+        while True:
+            first = _first_occurrence(draws)
+            distinct = torch.cumsum(first, 0)
+            if int(distinct[-1]) >= num_sampled:
+                # the draw that brought the num_sampled-th new class ends the run
+                num_tries = int(torch.searchsorted(distinct, torch.tensor(num_sampled, device=distinct.device))) + 1
+                kept = draws[:num_tries]
+                return kept[first[:num_tries]], num_tries
+            draws = torch.cat([draws, self.draw(draws.numel(), device, generator)])
+
+    def expected_count(self, ids: Tensor, num_sampled: int, num_tries: int, unique: bool) -> Tensor:
+        """Expected number of times each class of ``ids`` appears among the sampled candidates (float32).
+
+        unique=False: ``num_sampled * p``; unique=True: ``1 - (1 - p) ** num_tries``
+        (computed as ``-expm1(num_tries * log1p(-p))`` for accuracy at small p, as TF does).
+        """
+        p = self.log_prob(ids).exp()
+        if unique:
+            count = -torch.expm1(num_tries * torch.log1p(-p))
+        else:
+            count = num_sampled * p
+        return count.float()
+
+    def forward(
+        self,
+        labels: Tensor,
+        num_sampled: int,
+        unique: bool = True,
+        generator: torch.Generator | None = None,
+        groups: int | None = None,
+    ) -> SampledValues:
+        """Sample negatives for a batch with true ``labels`` and return TF's sampled_values.
+
+        ``groups=None``: one draw of ``num_sampled`` shared by the whole batch (``sampled`` is ``[K]``),
+        as tf.nn.nce_loss. ``groups=n``: ``n`` independent draws (``sampled`` is ``[n, K]``), each shared
+        by one of ``n`` consecutive groups of the batch -- smaller groups spread the negative updates over
+        more rows (see ``sampled_logits``); needs ``unique=False``.
+        """
+        if groups is None:
+            sampled, num_tries = self.sample(num_sampled, unique, labels.device, generator)
+        else:
+            if unique:
+                raise ValueError("grouped negatives (groups=n) are drawn with replacement: use unique=False")
+            sampled, num_tries = self.draw(groups * num_sampled, labels.device, generator).view(groups, num_sampled), num_sampled
+        return SampledValues(
+            sampled,
+            self.expected_count(labels, num_sampled, num_tries, unique),
+            self.expected_count(sampled, num_sampled, num_tries, unique),
+            num_tries,
+        )
+
+
+class LogUniformSampler(CandidateSampler):
+    """Zipfian sampler over frequency-sorted ids: ``P(k) = log((k + 2) / (k + 1)) / log(V + 1)``.
+
+    TF's ``log_uniform_candidate_sampler`` and the default for NCE. Drawn by inverting the CDF
+    ``F(k) = log(k + 2) / log(V + 1)``: ``k = floor(exp(u * log(V + 1))) - 1`` with ``u ~ U[0, 1)``;
+    no table is needed.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.log_range = math.log(num_classes + 1)
+
+    def log_prob(self, ids: Tensor) -> Tensor:
+        k = ids.to(torch.float64)
+        return torch.log(torch.log1p(1.0 / (k + 1.0)) / self.log_range)
+
+    def draw(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+        if generator is not None:
+            device = generator.device
+        u = torch.rand(n, dtype=torch.float64, device=device, generator=generator)
+        k = torch.floor(torch.exp(u * self.log_range)).long() - 1
+        return k.clamp_(0, self.num_classes - 1)
+
+
+class UnigramSampler(CandidateSampler):
+    """Sampler with ``P(k) ∝ counts[k] ** power`` (``power=0.75``: word2vec's noise distribution).
+
+    The tables (``probs`` and the cumulative ``cdf``, float64) are buffers sized ``num_classes`` at
+    construction so that they exist before the vocabulary is known and are restored from checkpoints;
+    :meth:`set_counts` fills them. Drawing is a binary search of uniforms in the CDF.
+    """
+
+    probs_table: Tensor
+    cdf: Tensor
+
+    def __init__(self, num_classes: int, counts: Tensor | np.ndarray | None = None, power: float = 0.75) -> None:
+        super().__init__(num_classes)
+        self.power = float(power)
+        self.register_buffer("probs_table", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64))
+        self.register_buffer("cdf", torch.cumsum(self.probs_table, 0))
+        if counts is not None:
+            self.set_counts(counts)
+
+    @torch.no_grad()
+    def set_counts(self, counts: Tensor | np.ndarray) -> None:
+        """(Re)build the tables from raw class counts (in place, so the buffers keep their device)."""
+        c = torch.as_tensor(np.asarray(counts) if not isinstance(counts, Tensor) else counts).to(torch.float64)
+        if c.shape != (self.num_classes,):
+            raise ValueError(f"counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
+        if (c < 0).any() or not torch.isfinite(c).all():
+            raise ValueError("counts must be finite and non-negative")
+        w = c.pow(self.power)
+        if w.sum() <= 0:
+            raise ValueError("counts are all zero: nothing to sample from")
+        p = w / w.sum()
+        self.probs_table.copy_(p)
+        cdf = torch.cumsum(p, 0)
+        cdf /= cdf[-1].clone()
+        self.cdf.copy_(cdf)
+
+    def log_prob(self, ids: Tensor) -> Tensor:
+        return self.probs_table[ids].log()
+
+    def draw(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.rand(n, dtype=torch.float64, device=self.cdf.device, generator=generator)
+        # first k with cdf[k] > u; zero-count classes (flat cdf) can never be returned
+        return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.num_classes - 1)
+
+
+def make_sampler(
+    kind: Literal["log_uniform", "unigram"], num_classes: int, counts: Tensor | np.ndarray | None = None, power: float = 0.75
+) -> CandidateSampler:
+    """Build a sampler by name (the model's ``sampler`` hyperparameter)."""
+    if kind == "log_uniform":
+        return LogUniformSampler(num_classes)
+    if kind == "unigram":
+        return UnigramSampler(num_classes, counts, power)
+    raise ValueError(f"unknown sampler {kind!r}; expected 'log_uniform' or 'unigram'")
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+# ------------------------------------------------------------------------------------------------
+
+
+class _GatherRows(torch.autograd.Function):
+    """``table[ids]`` whose gradient w.r.t. ``table`` is a sparse COO tensor touching only ``ids``.
+
+    ``F.embedding(sparse=True)`` does this for 2-D tables; this also covers the 1-D output bias.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(ids)
+        ctx.table_shape = table.shape
+        return table.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        g = torch.sparse_coo_tensor(ids.unsqueeze(0), grad, ctx.table_shape, check_invariants=False)
+        return g, None
+
+
+def gather_rows(table: Tensor, ids: Tensor, sparse: bool = False) -> Tensor:
+    """Rows ``table[ids]``; with ``sparse=True`` the gradient is sparse (only the used rows)."""
+    if sparse and table.requires_grad and torch.is_grad_enabled():
+        return _GatherRows.apply(table, ids)
+    return table.index_select(0, ids)
+
+
+def sampled_logits(
+    weights: Tensor,
+    biases: Tensor | None,
+    labels: Tensor,
+    inputs: Tensor,
+    sampled: Tensor,
+    sparse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Logits of the true classes ``[B, num_true]`` and of the sampled classes ``[B, K]`` (float32).
+
+    ``labels`` is ``[B]`` or ``[B, num_true]``. ``sampled`` is ``[K]``, shared by the whole batch: the
+    sampled logits are one matmul against the K sampled rows -- the reason shared negatives are fast.
+    ``sampled`` may also be ``[n, K]``: the batch is cut into ``n`` consecutive groups of
+    ``ceil(B / n)`` examples (the last one shorter) and group ``i`` uses row ``i`` (a batched matmul).
+    """
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(1)
+    B, T = labels.shape
+    flat = labels.reshape(-1)
+    true_w = gather_rows(weights, flat, sparse).view(B, T, -1)  # [B, T, D]
+    samp_w = gather_rows(weights, sampled.reshape(-1), sparse)  # [K, D] or [n * K, D]
+    true_logits = torch.einsum("bd,btd->bt", inputs, true_w) if T > 1 else (inputs * true_w[:, 0]).sum(-1, keepdim=True)
+    if sampled.dim() == 1:
+        samp_logits = inputs @ samp_w.t()  # [B, K]
+    else:
+        samp_logits = grouped_matmul(inputs, samp_w.view(*sampled.shape, -1))
+    # the rest in float32 whatever the autocast dtype: the log Q correction and the sigmoid CE
+    # need the precision (log expected counts go down to about -15)
+    true_logits = true_logits.float()
+    samp_logits = samp_logits.float()
+    if biases is not None:
+        true_logits = true_logits + gather_rows(biases, flat, sparse).view(B, T).float()
+        samp_b = gather_rows(biases, sampled.reshape(-1), sparse).float()
+        samp_logits = samp_logits + (samp_b if sampled.dim() == 1 else expand_groups(samp_b.view(sampled.shape), B))
+    return true_logits, samp_logits
+
+
+def group_size(batch: int, groups: int) -> int:
+    """Examples per group when a batch of ``batch`` is cut into ``groups`` consecutive groups."""
+    return -(-batch // groups)
+
+
+def grouped_matmul(inputs: Tensor, rows: Tensor) -> Tensor:
+    """``out[b] = inputs[b] @ rows[group(b)].T`` for ``rows`` of shape ``[n, K, D]``: ``[B, K]``."""
+    n, K, D = rows.shape
+    B = inputs.shape[0]
+    G = group_size(B, n)
+    padded = F.pad(inputs, (0, 0, 0, n * G - B)) if n * G != B else inputs
+    return torch.bmm(padded.view(n, G, D), rows.transpose(1, 2)).reshape(n * G, K)[:B]
+
+
+def expand_groups(values: Tensor, batch: int) -> Tensor:
+    """Per-group values ``[n, K]`` repeated for every example of its group: ``[batch, K]``."""
+    n = values.shape[0]
+    G = group_size(batch, n)
+    return values.repeat_interleave(G, dim=0)[:batch]
+
+
+def accidental_hits(labels: Tensor, sampled: Tensor) -> Tensor:
+    """``[B, K]`` mask: sampled class k (of the example's group) equals one of example b's true classes."""
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(1)
+    per_example = sampled.view(1, -1) if sampled.dim() == 1 else expand_groups(sampled, labels.shape[0])
+    return (labels.unsqueeze(2) == per_example.unsqueeze(1)).any(1)
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
+
+
+def nce_loss(
+    weights: Tensor,
+    biases: Tensor | None,
+    labels: Tensor,
+    inputs: Tensor,
+    sampled_values: SampledValues | tuple[Tensor, Tensor, Tensor],
+    remove_accidental_hits: bool = False,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    sparse: bool = False,
+) -> Tensor:
+    """Noise-contrastive estimation loss with exactly the semantics of ``tf.nn.nce_loss``.
+
+    Args:
+        weights: output weights ``[V, D]``; biases: ``[V]`` or None.
+        labels: true classes ``[B]`` or ``[B, num_true]``; inputs: ``[B, D]`` (the input embeddings).
+        sampled_values: ``(sampled[K], true_expected_count, sampled_expected_count)`` from a sampler.
+        remove_accidental_hits: sampled classes equal to a true class of an example get logit
+            ``-FLT_MAX`` for that example (TF's option; default off as there).
+        sparse: gradients of ``weights``/``biases`` as sparse tensors touching only the used rows.
+
+    Per example: ``sum_j sigmoid_ce(s_j - log E_j, y_j)`` over the true classes (target
+    ``1 / num_true``) and the K sampled ones (target 0); then reduced over the batch (mean by default,
+    as ``tf.reduce_mean`` in the tutorial).
+    """
+    sampled, true_count, samp_count = sampled_values[0], sampled_values[1], sampled_values[2]
+    true_logits, samp_logits = sampled_logits(weights, biases, labels, inputs, sampled, sparse)
+    if remove_accidental_hits:
+        hits = accidental_hits(labels, sampled)
+        samp_logits = samp_logits.masked_fill(hits, torch.finfo(torch.float32).min)
+    # the "log Q" correction: logits of the noise-vs-data classifier
+    true_logits = true_logits - true_count.float().view_as(true_logits).log()
+    samp_log_count = samp_count.float().log()
+    samp_logits = samp_logits - (samp_log_count if samp_log_count.dim() == 1 else expand_groups(samp_log_count, len(labels)))
+    num_true = true_logits.shape[1]
+    # sigmoid CE: target 1/num_true for the true classes, 0 for the sampled
+    true_loss = F.binary_cross_entropy_with_logits(
+        true_logits, torch.full_like(true_logits, 1.0 / num_true), reduction="none"
+    ).sum(1)
+    samp_loss = F.softplus(samp_logits).sum(1)  # == sigmoid_ce(x, 0), stable for x = -FLT_MAX too
+    return _reduce(true_loss + samp_loss, reduction)
+
+
+def negative_sampling_loss(
+    weights: Tensor,
+    biases: Tensor | None,
+    labels: Tensor,
+    inputs: Tensor,
+    sampled: Tensor,
+    negative_weight: float = 1.0,
+    remove_accidental_hits: bool = False,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    sparse: bool = False,
+) -> Tensor:
+    """Mikolov et al.'s negative-sampling loss with shared negatives (no log Q correction).
+
+    Per example: ``-log sigmoid(s_true) - negative_weight * sum_k log sigmoid(-s_k)`` over the K shared
+    samples (drawn from unigram^0.75). ``negative_weight = n / K`` makes K shared samples an unbiased
+    estimate of the word2vec objective with n negatives per pair; the default 1 is the plain sum.
+    ``labels`` must be ``[B]`` (one true class per example).
+    """
+    if labels.dim() != 1:
+        raise ValueError("negative_sampling_loss takes one true class per example (labels of shape [B])")
+    true_logits, samp_logits = sampled_logits(weights, biases, labels, inputs, sampled, sparse)
+    samp_term = F.softplus(samp_logits)  # -log sigmoid(-s)
+    if remove_accidental_hits:
+        samp_term = samp_term.masked_fill(accidental_hits(labels, sampled), 0.0)
+    loss = F.softplus(-true_logits[:, 0]) + negative_weight * samp_term.sum(1)
+    return _reduce(loss, reduction)
