@@ -459,3 +459,81 @@ def test_generate_samples_words_of_the_vocabulary():
         model.generate("   ")
     with pytest.raises(RuntimeError, match="vocabulary"):
         tiny().generate("w1")
+
+
+# ---------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = r'''
+import json, sys
+from pathlib import Path
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lm_tying.data import Text8DataModule
+from lm_tying.models.lstm_lm import LSTMLanguageModel
+
+tmp, corpus, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+model = LSTMLanguageModel(50, 8, 8, num_layers=2, optimizer="adam", lr=0.01, dropout_embedding=0.0,
+                          dropout_lstm=0.0, dropout_output=0.0)
+data = Text8DataModule(path=corpus, data_dir=str(tmp / "data"), vocab_size=50, mode="lm", batch_size=4,
+                       bptt=8, eval_batch_size=2, num_workers=0, split=(0.8, 0.1, 0.1))
+callbacks = [ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=3, save_top_k=-1)] if mode == "full" else []
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, limit_val_batches=3,
+                    val_check_interval=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=mode == "full", callbacks=callbacks, default_root_dir=tmp)
+ckpt = str(tmp / "ckpt" / "epoch=0-step=3.ckpt") if mode == "resume" else None
+trainer.fit(model, data, ckpt_path=ckpt)
+out = {"val_ppl": trainer.callback_metrics["val/ppl"].item(), "tied": model.is_tied,
+       "weights": [p.detach().sum().item() for p in model.parameters()]}
+(tmp / f"{mode}-rank{trainer.global_rank}.json").write_text(json.dumps(out))
+'''
+
+
+def test_ddp_two_processes_resume_exactly(make_corpus, tmp_path):
+    """2 gloo processes: each rank's carried state goes into the checkpoint; resume matches; ranks agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    corpus = make_corpus(num_words=6000)
+    script = tmp_path / "ddp_lm.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for mode in ("full", "resume"):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), str(corpus), mode],
+            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    hidden = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=False)["lstm_lm"]["train_hidden"]
+    assert hidden[0].shape == (2, 2, 4, 8)  # [ranks, layers, streams, H]
+    assert not torch.equal(hidden[0][0], hidden[0][1])  # the ranks carry their own streams
+    results = {f.stem: json.loads(f.read_text()) for f in tmp_path.glob("*-rank*.json")}
+    assert set(results) == {"full-rank0", "full-rank1", "resume-rank0", "resume-rank1"}
+    assert all(r["tied"] for r in results.values())
+    assert results["full-rank0"]["weights"] == results["full-rank1"]["weights"]  # DDP keeps ranks identical
+    assert results["resume-rank0"]["weights"] == results["full-rank0"]["weights"]  # exact resume
+    assert results["resume-rank0"]["val_ppl"] == results["full-rank0"]["val_ppl"] == results["full-rank1"]["val_ppl"]
+
+
+def test_embedding_init_from_a_word2vec_checkpoint(make_corpus, tmp_path):
+    word2vec = pytest.importorskip("lm_tying.models.word2vec")
+    corpus = make_corpus(num_words=3000)
+    w2v_data = Text8DataModule(
+        path=str(corpus), data_dir=str(tmp_path / "data"), vocab_size=40, mode="skipgram", batch_size=64, num_workers=0
+    )
+    w2v = word2vec.Word2Vec(40, embedding_dim=6, num_sampled=4, evaluate=False)
+    run = trainer(tmp_path / "w2v", max_steps=2, limit_val_batches=0)
+    run.fit(w2v, w2v_data)
+    run.save_checkpoint(tmp_path / "w2v.ckpt")
+    vectors = w2v.word_vectors()
+
+    # The LM's vocabulary is smaller (a prefix of the same ranking) and listed in reverse: rows follow words.
+    lm_words = list(reversed(w2v_data.vocab.words[1:30])) + ["notaword"]
+    model = tiny(31, 6, 10)
+    model.vocab = make_vocab(lm_words)
+    assert model.init_embedding_from(tmp_path / "w2v.ckpt") == pytest.approx(30 / 31)  # UNK and 29 words
+    for i, word in enumerate(model.vocab.words[:-1]):
+        torch.testing.assert_close(model.embedding.weight[i], torch.as_tensor(vectors[word]))

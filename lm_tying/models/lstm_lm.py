@@ -423,7 +423,7 @@ class LSTMLanguageModel(WordEmbeddingModule):
         hidden = self._train_hidden
         if hidden is not None:
             h, c = (t.detach().float() for t in hidden)
-            if self._trainer is not None and self.trainer.world_size > 1:
+            if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
                 # Every rank calls on_save_checkpoint and owns different streams; rank 0 writes the file.
                 h, c = self.all_gather(h), self.all_gather(c)  # [world, L, B, H]
             else:
