@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -280,8 +281,16 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _quiet_known_warnings() -> None:
+    """Silence warnings that say nothing to a user of this CLI (Lightning internals, a check that does not apply)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Text8DataModule's loaders give each worker its own share; Lightning cannot see that and warns.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``lm-tying`` (and ``python -m lm_tying.cli``)."""
+    _quiet_known_warnings()
     args = sys.argv[1:] if argv is None else list(argv)
     command = args[0] if args else None
     try:

@@ -1,0 +1,135 @@
+"""The CLI as a user runs it (subprocesses): help, fit for both models with the project's defaults (run name,
+checkpoints, TensorBoard run, config record), validate/test/generate from checkpoints, and bad inputs that end
+with a one-line message and a non-zero status instead of a traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from cli_support import MODELS, load_ckpt, run_cli, write_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``lm-tying fit --config <model>.yaml`` once per model in one working directory."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root)
+    procs = {m: run_cli(["fit", "--config", str(write_config(root, m, corpus))], cwd=root) for m in MODELS}
+    return root, corpus, procs
+
+
+def test_help_lists_commands_and_model_flags(tmp_path):
+    out = run_cli(["--help"], cwd=tmp_path).stdout
+    for command in ("fit", "validate", "test", "predict", "export", "generate"):
+        assert command in out
+    out = run_cli(["fit", "--model.help", "lm_tying.models.word2vec.Word2Vec"], cwd=tmp_path).stdout
+    assert "--model.num_sampled" in out and "negatives drawn once per batch" in out  # documented flags
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fit_writes_run_checkpoints_and_logs(trained, model):
+    root, _, _ = trained
+    run = root / "checkpoints" / model  # run name = the config file's stem
+    last, best = load_ckpt(run / "last.ckpt"), load_ckpt(run / "best.ckpt")
+    assert last["global_step"] == 12
+    assert best["global_step"] in (5, 10)  # validations at steps 5 and 10
+    assert last["lm_tying_run"] == {"run_name": model, "log_version": 0}
+    assert len(last["vocabulary"]["words"]) == last["hyper_parameters"]["vocab_size"] == 100  # linked from data
+    assert "RandomStateCheckpoint" in last["callbacks"]
+    logs = root / "logs" / model / "version_0"
+    assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
+    config = yaml.safe_load((logs / "config.yaml").read_text())
+    assert config["data"]["init_args"]["vocab_size"] == 100  # the full config, for reproducing the run
+    hparams = yaml.safe_load((logs / "hparams.yaml").read_text())
+    assert hparams["vocab_size"] == 100
+    assert (logs / "projector_config.pbtxt").exists()
+
+
+def test_run_name_override_and_print_config(trained, tmp_path):
+    root, corpus, _ = trained
+    cfg = write_config(tmp_path, "word2vec", corpus)
+    printed = run_cli(["fit", "--config", str(cfg), "--run_name", "mine", "--print_config"], cwd=tmp_path).stdout
+    parsed = yaml.safe_load(printed)
+    assert parsed["run_name"] == "mine"
+    assert parsed["checkpoint"]["every_n_train_steps"] == 4 and parsed["projector"]["num_visualize"] == 50
+    assert parsed["model"]["class_path"] == "lm_tying.models.word2vec.Word2Vec"
+    run_cli(["fit", "--config", str(cfg), "--run_name", "mine", "--trainer.max_steps", "2"], cwd=tmp_path)
+    assert load_ckpt(tmp_path / "checkpoints/mine/last.ckpt")["global_step"] == 2
+    assert (tmp_path / "logs/mine/version_0").is_dir()
+
+
+@pytest.mark.parametrize("command, model, metric", [("validate", "word2vec", "val/loss"), ("test", "lm", "test/loss")])
+def test_validate_and_test_from_best(trained, command, model, metric):
+    root, _, _ = trained
+    out = run_cli([command, "--config", f"{model}.yaml", "--ckpt_path", "best"], cwd=root)
+    assert metric in out.stdout
+
+
+def test_generate_from_lm_checkpoint(trained):
+    root, _, _ = trained
+    args = ["generate", "--ckpt_path", "checkpoints/lm/last.ckpt", "--prompt", "the", "--num_words", "7", "--seed", "1"]
+    first = run_cli(args, cwd=root).stdout.split()
+    assert len(first) == 8 and first[0] == "the"  # the prompt + 7 words
+    vocab = set(load_ckpt(root / "checkpoints/lm/last.ckpt")["vocabulary"]["words"])
+    assert set(first[1:]) <= vocab
+    bad = run_cli(["generate", "--ckpt_path", "checkpoints/word2vec/last.ckpt", "--prompt", "a"], cwd=root, check=False)
+    assert bad.returncode != 0 and "cannot generate" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _bad_alphabet(root):
+    path = root / "bad.txt"
+    path.write_text("Hello World, 123 words")
+    return ["--data.path", str(path)]
+
+
+BAD_INPUTS = [
+    # (case, arguments after "fit", expected message, run in a subprocess (else in-process, to keep the suite fast))
+    ("missing config", ["--config", "nope.yaml"], "File does not exist", True),
+    ("missing checkpoint", ["--config", "lm.yaml", "--ckpt_path", "nope.ckpt"], "does not exist", False),
+    ("not a checkpoint", ["--config", "lm.yaml", "--ckpt_path", "corpus.txt"], "not a readable PyTorch checkpoint", False),
+    (
+        "checkpoint of the other model",
+        ["--config", "word2vec.yaml", "--ckpt_path", "checkpoints/lm/last.ckpt"],
+        "is a LSTMLanguageModel checkpoint, but the config selects Word2Vec",
+        True,
+    ),
+    (
+        "vocabulary of other data",
+        ["--config", "lm.yaml", "--data.init_args.vocab_size", "50", "--ckpt_path", "checkpoints/lm/last.ckpt"],
+        "vocabulary does not match the data",
+        False,
+    ),
+    ("missing corpus", ["--config", "lm.yaml", "--data.path", "missing.txt"], "missing.txt does not exist", False),
+    ("bad alphabet", ["--config", "lm.yaml", "--data.path", "bad.txt"], "is not in text8 format", True),
+    ("no best.ckpt", ["--config", "lm.yaml", "--run_name", "other", "--ckpt_path", "best"], "does not exist", False),
+]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case, extra, message, in_subprocess", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_exit_nonzero_with_a_readable_message(trained, case, extra, message, in_subprocess, capsys, monkeypatch):
+    root, _, _ = trained
+    (root / "bad.txt").write_text("Hello World, 123 words")
+    if in_subprocess:
+        proc = run_cli(["fit", *extra], cwd=root, check=False)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        from lm_tying.cli import main
+
+        monkeypatch.chdir(root)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *extra])
+        code, stderr = exit_info.value.code, capsys.readouterr().err
+    assert code not in (0, None), case
+    assert message in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.skipif(shutil.which("lm-tying") is None, reason="package not installed (pip install -e .)")
+def test_console_script(tmp_path):
+    proc = subprocess.run(["lm-tying", "export", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--ckpt_path" in proc.stdout
