@@ -87,13 +87,16 @@ def load_model(ckpt_path: str | os.PathLike) -> WordEmbeddingModule:
     return model
 
 
-def _check_writable(directory: Path) -> None:
-    if not directory.exists():
-        raise ExportError(f"cannot write into {str(directory)!r}: the directory does not exist")
-    if not directory.is_dir():
-        raise ExportError(f"cannot write into {str(directory)!r}: it is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write into {str(directory)!r}: permission denied")
+def _check_destination(out: Path) -> None:
+    """Fail before the model load if ``out`` cannot be created: missing parents are fine (created), a parent that
+    is a file or a directory we may not write into is not."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"cannot write {str(out)!r}: {str(ancestor)!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {str(out)!r}: no permission to write into {str(ancestor)!r}")
 
 
 def output_kind(output: str | os.PathLike) -> str:
@@ -128,17 +131,9 @@ def export(ckpt_path: str | os.PathLike, output: str | os.PathLike, limit: Optio
     kind = output_kind(output)
     out = Path(output)
     # Check the destination before the (possibly long) model load.
-    if kind == "projector":
-        if out.exists() and not out.is_dir():
-            raise ExportError(f"--output {str(out)!r} exists and is not a directory")
-        parent = out if out.is_dir() else out.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        _check_writable(parent)
-    else:
-        if out.is_dir():
-            raise ExportError(f"--output {str(out)!r} is a directory; name a .txt or .bin file")
-        _check_writable(out.parent if str(out.parent) else Path("."))
+    if kind == "projector" and out.exists() and not out.is_dir():
+        raise ExportError(f"--output {str(out)!r} exists and is not a directory")
+    _check_destination(out / "vectors.tsv" if kind == "projector" else out)
     if limit is not None and limit < 1:
         raise ExportError(f"--limit {limit}: it must be at least 1")
 
@@ -148,15 +143,22 @@ def export(ckpt_path: str | os.PathLike, output: str | os.PathLike, limit: Optio
     vectors = np.asarray(wv.vectors, dtype=np.float32)
     if limit is not None:
         words, vectors = words[:limit], vectors[:limit]
-    if kind == "projector":
-        return write_projector_tsv(words, vectors, out)
+    try:
+        if kind == "projector":
+            return write_projector_tsv(words, vectors, out)
+        return _write_word2vec(words, vectors, out, binary=kind == "binary")
+    except OSError as e:
+        raise ExportError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
 
+
+def _write_word2vec(words: list[str], vectors: np.ndarray, out: Path, binary: bool) -> list[Path]:
+    """word2vec text/binary format via ``WordVectors.save_word2vec_format``, atomically (temporary + rename)."""
     from lm_tying.vectors import WordVectors
 
-    subset = WordVectors(words, vectors) if limit is not None else wv
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        subset.save_word2vec_format(tmp, binary=kind == "binary")
+        WordVectors(words, vectors).save_word2vec_format(tmp, binary=binary)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
