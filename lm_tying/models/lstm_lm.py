@@ -370,15 +370,16 @@ class LSTMLanguageModel(WordEmbeddingModule):
 
     # ------------------------------------------------------------------ setup and checkpoints
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage != "fit" or not self.hparams.embedding_init or self._embedding_initialized:
-            return
-        if self._trainer is not None and self.trainer.ckpt_path is not None:
-            # Resuming: the checkpoint's weights replace the embedding right after setup anyway.
-            self._embedding_initialized = True
-            return
-        self.init_embedding_from(self.hparams.embedding_init)
+    def on_fit_start(self) -> None:
+        """Apply ``embedding_init`` once, before the first step, and never over a checkpoint's weights.
+
+        Lightning restores a checkpoint (``fit(ckpt_path=...)``) after ``setup`` and before this hook, and
+        ``on_load_checkpoint`` marks the embedding as initialized, so a resumed run (or a model from
+        ``load_from_checkpoint``) keeps its trained matrix and does not even read the file. Under DDP every
+        rank reads the same file, so the ranks stay identical.
+        """
+        if self.hparams.embedding_init and not self._embedding_initialized:
+            self.init_embedding_from(self.hparams.embedding_init)
 
     def init_embedding_from(self, path: str | os.PathLike) -> float:
         """Copy word vectors into the embedding, row by row *by word*; returns the vocabulary coverage.
