@@ -1,0 +1,495 @@
+"""Skip-gram word2vec trained with sampled NCE or negative sampling, as a LightningModule.
+
+The model is two tables and a bias::
+
+    input embedding  E  [V, D]   the word vectors users keep (``input_embeddings()``)
+    output weights   W  [V, D]   one "context" vector per word
+    output bias      b  [V]
+
+and for a batch of ``(center, context)`` pairs with ``K`` negatives shared by the batch::
+
+    h      = E[center]                                    [B, D]
+    s_true = <h, W[context]> + b[context]                 [B]
+    s_neg  = h @ W[negatives].T + b[negatives]            [B, K]   (one matmul: why shared negatives are fast)
+    loss   = sigmoid CE(s_true, 1) + sum_k sigmoid CE(s_neg_k, 0)     (NCE first subtracts log Q from both)
+
+Two ways to train it, same mathematics (a test checks they take the same step):
+
+* ``fused=True`` (default on CPU with ``optimizer="sgd"``): the gradients of this loss are written out
+  by hand and applied with ``index_add_`` straight into the rows the batch used -- word2vec C's update,
+  batched. No autograd graph, no sparse gradient tensors, no optimizer pass over 50,000 rows: on a
+  2-core CPU this is ~2-3x faster than autograd + sparse SGD. A ``torch.optim.SGD`` still exists: it
+  holds the learning rate (so schedulers, ``LearningRateMonitor`` and checkpoints work) and counts steps,
+  but its parameters never receive ``.grad``.
+* ``fused=False``: autograd with sparse gradients (``sparse=True``) and any of the optimizers
+  ``sgd``, ``adagrad``, ``sparse_adam`` (sparse) or ``adam`` (dense). Used automatically under DDP,
+  with dense gradients: fused updates would bypass DDP's gradient all-reduce, and NCCL has no
+  all-reduce for sparse tensors.
+
+Training is manual-optimization either way, so the two paths share the step, schedule and logging.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from lm_tying.models.base import WordEmbeddingModule
+from lm_tying.nce import (
+    CandidateSampler,
+    LogUniformSampler,
+    UnigramSampler,
+    accidental_hits,
+    negative_sampling_loss,
+    nce_loss,
+)
+from lm_tying.vectors import EVAL_FILES, WordVectors, default_eval_file
+
+DEFAULT_PROBE_WORDS = (
+    "one", "american", "war", "king", "france", "computer", "music", "water", "god", "good", "three", "german",
+)  # fmt: skip
+
+
+class Word2Vec(WordEmbeddingModule):
+    """Skip-gram word2vec (input embedding, output weights and bias) with NCE or negative sampling."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 128,
+        loss: Literal["nce", "negative_sampling"] = "nce",
+        num_sampled: int = 64,
+        sampler: Literal["log_uniform", "unigram"] | None = None,
+        sampler_power: float = 0.75,
+        unique: bool = True,
+        remove_accidental_hits: bool = False,
+        negative_weight: float = 1.0,
+        share_negatives: int | None = None,
+        init: Literal["tutorial", "word2vec"] = "tutorial",
+        optimizer: Literal["sgd", "adagrad", "sparse_adam", "adam"] = "sgd",
+        lr: float = 1.0,
+        reduction: Literal["mean", "sum"] = "mean",
+        lr_decay: Literal["none", "linear"] = "none",
+        min_lr_ratio: float = 1e-4,
+        sparse: bool = True,
+        fused: bool | None = None,
+        compile: bool = False,
+        num_threads: int | None = None,
+        average_loss_every: int = 5000,
+        probe_words: list[str] | None = None,
+        probe_topn: int = 8,
+        evaluate: bool = True,
+        eval_analogies: str | None = None,
+        eval_pairs: list[str] | None = None,
+        eval_restrict_vocab: int = 300_000,
+    ) -> None:
+        """
+        Args:
+            vocab_size: Number of words (rows of both tables), UNK included; the CLI links it to the data.
+            embedding_dim: Dimension D of the word vectors.
+            loss: ``nce`` (tf.nn.nce_loss: log Q correction) or ``negative_sampling`` (Mikolov et al.).
+            num_sampled: K, negatives drawn once per batch and shared by all its pairs.
+            sampler: Noise distribution: ``log_uniform`` (Zipf over frequency-sorted ids, TF's NCE default)
+                or ``unigram`` (corpus counts ** sampler_power). Default: log_uniform for NCE, unigram for
+                negative sampling.
+            sampler_power: Exponent of the unigram sampler (0.75 as word2vec).
+            unique: Draw until K distinct classes (TF's default; expected count 1-(1-p)^tries) instead of
+                K draws with replacement (expected count K*p).
+            remove_accidental_hits: Ignore sampled classes equal to the example's true class (TF option).
+            negative_weight: Weight of each sampled term in the negative-sampling loss; ``n / num_sampled``
+                makes K shared samples an unbiased estimate of word2vec's objective with n negatives per pair.
+            share_negatives: Pairs that share one draw of negatives. None: the whole batch (tf.nn.nce_loss).
+                With large batches and SGD, a whole-batch draw concentrates B pairs' updates on K rows (a
+                step B times word2vec's); groups of a few pairs keep word2vec's per-row dynamics while the
+                negative logits stay a (batched) matmul. Needs unique=false.
+            init: ``tutorial``: E ~ U[0, 1), W ~ truncated normal(std 1/sqrt(D)), b = 0 (the CS20 TF tutorial);
+                ``word2vec``: E ~ U[-0.5/D, 0.5/D), W = 0, b = 0 (word2vec C, gensim).
+            optimizer: ``sgd`` (the tutorial's), ``adagrad`` / ``sparse_adam`` (sparse-aware), ``adam`` (dense only).
+            lr: Learning rate of the optimised loss (see ``reduction``).
+            reduction: Batch reduction of the optimised loss. ``mean`` as tf.reduce_mean (the tutorial's
+                lr 1.0 at batch 128); ``sum``: every pair contributes a full step, so ``lr`` is per pair as in
+                word2vec C / gensim (0.025) and does not depend on the batch size. Logged losses are means.
+            lr_decay: ``linear``: decay to ``lr * min_lr_ratio`` over the run (word2vec C), per step.
+            min_lr_ratio: Final fraction of the learning rate with linear decay (word2vec C: 1e-4).
+            sparse: Sparse embedding gradients for the autograd path (only the rows a batch uses).
+            fused: Hand-written update applied with index_add_ (plain SGD only; see the module docstring).
+                Default: on when the optimizer is ``sgd``.
+            compile: ``torch.compile`` the per-batch math (helps on GPU; on CPU it needs a C++ compiler).
+            num_threads: ``torch.set_num_threads`` at fit start (None leaves torch's default).
+            average_loss_every: Log ``train/avg_loss``, the mean loss over the last this many steps, and
+                print it (the tutorial's "Average loss at step 5000"); 0 disables.
+            probe_words: Words whose nearest neighbours are written to TensorBoard at each validation
+                (a default list of common words when None; words outside the vocabulary are skipped).
+            probe_topn: Neighbours shown per probe word.
+            evaluate: Analogy and word-similarity evaluation at each validation.
+            eval_analogies: questions-words.txt-format file; None: gensim's copy when gensim is installed.
+            eval_pairs: Word-pair similarity files (word1<TAB>word2<TAB>score); None: gensim's
+                wordsim353.tsv and simlex999.txt when gensim is installed.
+            eval_restrict_vocab: Evaluate analogies/pairs among the first (most frequent) this many words.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in ("nce", "negative_sampling"):
+            raise ValueError(f"loss={loss!r}: expected 'nce' or 'negative_sampling'")
+        if init not in ("tutorial", "word2vec"):
+            raise ValueError(f"init={init!r}: expected 'tutorial' or 'word2vec'")
+        if optimizer not in ("sgd", "adagrad", "sparse_adam", "adam"):
+            raise ValueError(f"optimizer={optimizer!r}: expected 'sgd', 'adagrad', 'sparse_adam' or 'adam'")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+        if lr_decay not in ("none", "linear"):
+            raise ValueError(f"lr_decay={lr_decay!r}: expected 'none' or 'linear'")
+        if vocab_size < 2 or embedding_dim < 1 or num_sampled < 1:
+            raise ValueError("vocab_size must be >= 2, embedding_dim and num_sampled >= 1")
+        if unique and num_sampled > vocab_size:
+            raise ValueError(f"unique sampling of num_sampled={num_sampled} classes needs vocab_size >= num_sampled")
+        if share_negatives is not None and (share_negatives < 1 or unique):
+            raise ValueError("share_negatives needs a positive group size and unique=false (draws with replacement)")
+        if optimizer == "adam" and sparse:
+            raise ValueError("optimizer='adam' needs dense gradients: set sparse=false, or use 'sparse_adam'")
+        if optimizer == "sparse_adam" and not sparse:
+            raise ValueError("optimizer='sparse_adam' needs sparse gradients: set sparse=true")
+        if fused is None:
+            fused = optimizer == "sgd"
+        if fused and optimizer != "sgd":
+            raise ValueError(f"fused=true implements plain SGD; optimizer={optimizer!r} needs fused=false")
+        self.fused = fused
+        self.sparse = sparse
+        self.automatic_optimization = False  # both paths step by hand (see the module docstring)
+
+        V, D = vocab_size, embedding_dim
+        self.embedding = nn.Parameter(torch.empty(V, D))  # the input vectors (what users keep)
+        self.output_weight = nn.Parameter(torch.empty(V, D))
+        self.output_bias = nn.Parameter(torch.zeros(V))
+        self.reset_parameters()
+
+        kind = sampler or ("log_uniform" if loss == "nce" else "unigram")
+        if kind == "log_uniform":
+            self.sampler: CandidateSampler = LogUniformSampler(V)
+        elif kind == "unigram":
+            self.sampler = UnigramSampler(V, power=sampler_power)  # counts arrive with the vocabulary (setup)
+        else:
+            raise ValueError(f"sampler={sampler!r}: expected 'log_uniform' or 'unigram'")
+
+        self.probe_words = list(DEFAULT_PROBE_WORDS if probe_words is None else probe_words)
+        self._fused_math = torch.compile(_fused_grads, dynamic=True) if compile else _fused_grads
+        self._val_generator: torch.Generator | None = None
+        self._reset_windows()
+
+    # ------------------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        D = self.hparams.embedding_dim
+        if self.hparams.init == "tutorial":
+            self.embedding.uniform_(0.0, 1.0)
+            std = 1.0 / math.sqrt(D)
+            nn.init.trunc_normal_(self.output_weight, std=std, a=-2 * std, b=2 * std)  # TF truncates at 2 std
+        else:
+            self.embedding.uniform_(-0.5 / D, 0.5 / D)
+            self.output_weight.zero_()
+        self.output_bias.zero_()
+
+    def input_embeddings(self) -> Tensor:
+        return self.embedding
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if isinstance(self.sampler, UnigramSampler) and self.vocab is not None:
+            self.sampler.set_counts(torch.as_tensor(self.vocab.counts))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and (self.fused or self.sparse):
+            if self.hparams.optimizer == "sparse_adam":
+                raise ValueError(
+                    "optimizer='sparse_adam' cannot run under DDP (gradients must be dense there to be "
+                    "all-reduced): use 'adagrad', 'sgd' or 'adam' with sparse=false"
+                )
+            warnings.warn(
+                f"Word2Vec on {world} processes: using autograd with dense gradients (fused={self.fused}, "
+                f"sparse={self.sparse} requested). Fused updates would bypass DDP's gradient all-reduce and "
+                "sparse gradients cannot be all-reduced by NCCL.",
+                stacklevel=2,
+            )
+            self.fused = False
+            self.sparse = False
+
+    # ------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        params = [self.embedding, self.output_weight, self.output_bias]
+        if h.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=h.lr)
+        elif h.optimizer == "adagrad":
+            opt = torch.optim.Adagrad(params, lr=h.lr)
+        elif h.optimizer == "sparse_adam":
+            opt = torch.optim.SparseAdam(params, lr=h.lr)
+        else:
+            opt = torch.optim.Adam(params, lr=h.lr)
+        if h.lr_decay == "none":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("lr_decay='linear' needs a finite run length: set trainer max_steps or max_epochs")
+
+        def linear(step: int) -> float:
+            return max(1.0 - step / total, h.min_lr_ratio)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self._saved_threads = torch.get_num_threads()
+        if self.hparams.num_threads:
+            torch.set_num_threads(self.hparams.num_threads)
+        # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
+        # floats, whose arithmetic is ~100x slower on x86 CPUs; flushing them to zero changes nothing else.
+        torch.set_flush_denormal(True)
+        self._reset_windows()
+
+    def on_fit_end(self) -> None:  # leave the process as we found it
+        torch.set_num_threads(self._saved_threads)
+        torch.set_flush_denormal(False)
+
+    def _reset_windows(self) -> None:
+        self._win_loss: Tensor | None = None
+        self._win_steps = 0
+        self._win_pairs = 0
+        self._win_start = time.perf_counter()
+        self._avg_loss: Tensor | None = None
+        self._avg_steps = 0
+
+    # ------------------------------------------------------------------------------ the loss
+    def _sample(self, labels: Tensor, generator: torch.Generator | None = None):
+        share = self.hparams.share_negatives
+        groups = None if share is None else -(-labels.numel() // share)
+        return self.sampler(labels, self.hparams.num_sampled, self.hparams.unique, generator, groups)
+
+    def compute_loss(
+        self, center: Tensor, context: Tensor, generator: torch.Generator | None = None, reduction: str = "mean"
+    ) -> Tensor:
+        """The loss of a batch through autograd (sparse gradients when ``sparse``)."""
+        h = self.hparams
+        sv = self._sample(context, generator)
+        inputs = F.embedding(center, self.embedding, sparse=self.sparse)
+        if h.loss == "nce":
+            return nce_loss(
+                self.output_weight, self.output_bias, context, inputs, sv,
+                remove_accidental_hits=h.remove_accidental_hits, reduction=reduction, sparse=self.sparse,
+            )  # fmt: skip
+        return negative_sampling_loss(
+            self.output_weight, self.output_bias, context, inputs, sv.sampled,
+            negative_weight=h.negative_weight, remove_accidental_hits=h.remove_accidental_hits,
+            reduction=reduction, sparse=self.sparse,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def fused_sgd_step(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
+        """One SGD step on the batch loss with hand-written gradients; returns the mean loss (detached).
+
+        Identical to ``compute_loss(reduction=...)`` + backward + ``torch.optim.SGD(lr).step()``; the
+        matmuls follow autocast (bf16-mixed runs them in bf16, tables and updates stay float32).
+        """
+        h = self.hparams
+        sv = self._sample(context, generator)
+        neg = sv.sampled.reshape(-1)
+        E, W, b = self.embedding, self.output_weight, self.output_bias
+        inputs, w_true = E.index_select(0, center), W.index_select(0, context)
+        w_neg = W.index_select(0, neg).view(*sv.sampled.shape, -1)
+        b_true, b_neg = b.index_select(0, context), b.index_select(0, neg).view(sv.sampled.shape)
+        if h.loss == "nce":  # the log Q correction
+            b_true = b_true - sv.true_expected_count.log()
+            b_neg = b_neg - sv.sampled_expected_count.log()
+            neg_weight = 1.0
+        else:
+            neg_weight = h.negative_weight
+        hits = accidental_hits(context, sv.sampled) if h.remove_accidental_hits else None
+        scale = torch.tensor(lr / center.numel() if h.reduction == "mean" else lr, device=center.device)
+        d_in, d_true, d_neg, db_true, db_neg, loss_sum = self._fused_math(
+            inputs, w_true, w_neg, b_true, b_neg, hits, neg_weight, scale
+        )
+        # every gradient was computed from the pre-step values above; now apply them (duplicates add up)
+        E.index_add_(0, center, d_in)
+        W.index_add_(0, context, d_true)
+        W.index_add_(0, neg, d_neg)
+        b.index_add_(0, context, db_true)
+        b.index_add_(0, neg, db_neg)
+        return loss_sum / center.numel()
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        center, context = batch
+        opt = self.optimizers()
+        lr = opt.param_groups[0]["lr"]
+        if self.fused:
+            loss = self.fused_sgd_step(center, context, lr)
+            opt.step()  # no .grad anywhere: only advances the step count that max_steps and schedulers use
+        else:
+            loss = self.compute_loss(center, context, reduction=self.hparams.reduction)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+            loss = loss.detach() / (center.numel() if self.hparams.reduction == "sum" else 1)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self._log_train(loss, center.numel(), lr)
+        return loss
+
+    def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
+        """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
+        self._win_loss = loss if self._win_loss is None else self._win_loss + loss
+        self._win_steps += 1
+        self._win_pairs += pairs
+        every = self.hparams.average_loss_every
+        if every:
+            self._avg_loss = loss if self._avg_loss is None else self._avg_loss + loss
+            self._avg_steps += 1
+            if self._avg_steps == every:
+                avg = float(self._avg_loss) / every
+                self.log("train/avg_loss", avg, on_step=True, on_epoch=False)
+                self.print(f"Average loss at step {self.global_step}: {avg:.3f}")
+                self._avg_loss, self._avg_steps = None, 0
+        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if self.global_step % max(log_every, 1) != 0:
+            return
+        now = time.perf_counter()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.log("train/loss", self._win_loss / self._win_steps, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("lr", lr, on_step=True, on_epoch=False)
+        self.log("train/pairs_per_sec", world * self._win_pairs / max(now - self._win_start, 1e-9), on_step=True, on_epoch=False)
+        self._win_loss, self._win_steps, self._win_pairs, self._win_start = None, 0, 0, now
+
+    # ------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        # the same negatives at every validation, so val/loss is comparable across epochs
+        self._val_generator = torch.Generator(device=self.device).manual_seed(1234)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        center, context = batch
+        loss = self.compute_loss(center, context, self._val_generator)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=center.numel(), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        if self.vocab is None:
+            return
+        wv = self.word_vectors()
+        self._log_neighbours(wv)
+        if self.hparams.evaluate:
+            for name, value in self.evaluate(wv).items():
+                self.log(f"val/{name}", value, on_step=False, on_epoch=True)
+
+    def _log_neighbours(self, wv: WordVectors) -> None:
+        words = [w for w in self.probe_words if w in wv]
+        if not words or not isinstance(self.logger, TensorBoardLogger):
+            return
+        lines = ["| word | nearest neighbours |", "| --- | --- |"]
+        for w in words:
+            near = ", ".join(f"{n} ({s:.2f})" for n, s in wv.most_similar(w, topn=self.hparams.probe_topn))
+            lines.append(f"| {w} | {near} |")
+        self.logger.experiment.add_text("nearest_neighbours", "\n".join(lines), self.global_step)
+
+    def evaluate(self, wv: WordVectors | None = None) -> dict[str, float]:
+        """Analogy accuracy and Spearman correlations on the configured (or gensim's) files."""
+        wv = wv or self.word_vectors()
+        h = self.hparams
+        out: dict[str, float] = {}
+        analogies = h.eval_analogies or _gensim_file_or_none(EVAL_FILES["analogies"])
+        if analogies:
+            acc, sections = wv.evaluate_word_analogies(analogies, restrict_vocab=h.eval_restrict_vocab)
+            out["analogy_acc"] = acc
+            out["analogy_coverage"] = sections[-1]["coverage"]
+        pair_files = h.eval_pairs
+        if pair_files is None:
+            pair_files = [p for p in (_gensim_file_or_none(EVAL_FILES[k]) for k in ("wordsim353", "simlex999")) if p]
+        for path in pair_files:
+            name = _stem(path)
+            try:
+                _, spearman, _ = wv.evaluate_word_pairs(path, restrict_vocab=h.eval_restrict_vocab)
+            except ValueError as err:  # e.g. a tiny vocabulary covering fewer than 2 pairs
+                warnings.warn(f"skipping {path}: {err}", stacklevel=2)
+                continue
+            out[f"{name}_spearman"] = spearman
+        return out
+
+    # ------------------------------------------------------------------------------ gensim-like API
+    def most_similar(self, positive: Any = None, negative: Any = None, topn: int = 10) -> list[tuple[str, float]]:
+        return self.word_vectors().most_similar(positive, negative, topn)
+
+    def evaluate_word_analogies(self, path: str | None = None, **kwargs: Any) -> tuple[float, list[dict]]:
+        return self.word_vectors().evaluate_word_analogies(path, **kwargs)
+
+    def evaluate_word_pairs(self, path: str | None = None, **kwargs: Any) -> tuple[float, float, float]:
+        return self.word_vectors().evaluate_word_pairs(path, **kwargs)
+
+
+def _fused_grads(
+    inputs: Tensor,
+    w_true: Tensor,
+    w_neg: Tensor,
+    b_true: Tensor,
+    b_neg: Tensor,
+    hits: Tensor | None,
+    neg_weight: float,
+    scale: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The SGD updates (already multiplied by ``-lr``) of the sampled sigmoid loss, from gathered rows.
+
+    ``w_neg``/``b_neg`` are ``[K, D]``/``[K]`` (negatives shared by the batch) or ``[n, K, D]``/``[n, K]``
+    (one draw per group of ``ceil(B / n)`` consecutive pairs). With ``s_true = <x, w_t> + b_t`` and
+    ``s_neg = x W_n^T + b_n`` (the biases carry NCE's log Q correction)::
+
+        loss       = softplus(-s_true) + neg_weight * sum_k softplus(s_neg_k)
+        dL/ds_true = sigmoid(s_true) - 1,    dL/ds_neg = neg_weight * sigmoid(s_neg)
+        dL/dx = dL/ds_true * w_t + dL/ds_neg @ W_n,   dL/dw_t = dL/ds_true * x,   dL/dW_n = dL/ds_neg^T @ x
+
+    Returns ``(d_inputs [B, D], d_w_true [B, D], d_w_neg [n*K, D], d_b_true [B], d_b_neg [n*K], loss_sum)``.
+    """
+    if w_neg.dim() == 2:  # shared by the batch: one group
+        w_neg, b_neg = w_neg.unsqueeze(0), b_neg.unsqueeze(0)
+    n, K, D = w_neg.shape
+    B = inputs.shape[0]
+    G = -(-B // n)
+    pad = n * G - B
+    x = (F.pad(inputs, (0, 0, 0, pad)) if pad else inputs).view(n, G, D)
+
+    s_true = (inputs * w_true).sum(1) + b_true
+    s_neg = torch.bmm(x, w_neg.transpose(1, 2)).float() + b_neg.unsqueeze(1)  # [n, G, K]; matmul follows autocast
+    loss_neg = F.softplus(s_neg)
+    g_neg = torch.sigmoid(s_neg)
+    if hits is not None or pad:  # accidental hits (as if logit -inf) and padding: no loss, no gradient
+        drop = torch.zeros(n * G, K, dtype=torch.bool, device=inputs.device)
+        if hits is not None:
+            drop[:B] = hits
+        drop[B:] = True
+        drop = drop.view(n, G, K)
+        loss_neg = loss_neg.masked_fill(drop, 0.0)
+        g_neg = g_neg.masked_fill(drop, 0.0)
+    loss_sum = F.softplus(-s_true).sum() + neg_weight * loss_neg.sum()
+
+    g_true = (torch.sigmoid(s_true) - 1.0) * -scale
+    g_neg = g_neg * (-scale * neg_weight)
+    d_in = torch.bmm(g_neg, w_neg).float().view(n * G, D)[:B].addcmul_(g_true.unsqueeze(1), w_true)
+    d_true = g_true.unsqueeze(1) * inputs
+    d_neg = torch.bmm(g_neg.transpose(1, 2), x).float().view(n * K, D)
+    return d_in, d_true, d_neg, g_true, g_neg.sum(1).view(n * K), loss_sum.detach()
+
+
+def _gensim_file_or_none(name: str) -> str | None:
+    try:
+        return default_eval_file(name)
+    except FileNotFoundError:
+        return None
+
+
+def _stem(path: str) -> str:
+    import os
+
+    return os.path.splitext(os.path.basename(path))[0]

@@ -1,0 +1,282 @@
+"""The Word2Vec LightningModule: fused step == autograd SGD, sparse rows, planted structure, logging, configs."""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lm_tying.data import Text8DataModule
+from lm_tying.models.word2vec import Word2Vec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_model(**kw) -> Word2Vec:
+    args = dict(vocab_size=30, embedding_dim=8, evaluate=False, average_loss_every=0, num_sampled=6)
+    args.update(kw)
+    model = Word2Vec(**args)
+    if hasattr(model.sampler, "set_counts"):
+        model.sampler.set_counts(np.arange(30, 0, -1) ** 2)
+    return model
+
+
+def batch(seed: int = 0, n: int = 37):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 30, (n,), generator=g), torch.randint(0, 30, (n,), generator=g)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss="nce", unique=True),
+        dict(loss="nce", unique=True, remove_accidental_hits=True, reduction="sum"),
+        dict(loss="nce", unique=False, sampler="unigram", share_negatives=5),
+        dict(loss="negative_sampling", unique=False, negative_weight=0.5, reduction="sum"),
+        dict(loss="negative_sampling", unique=False, share_negatives=8, remove_accidental_hits=True),
+    ],
+)
+def test_fused_step_equals_autograd_sgd(kw):
+    """The hand-written update is exactly one torch.optim.SGD step on the autograd loss."""
+    fused = small_model(**kw)
+    with torch.no_grad():  # non-trivial starting point, bias included
+        fused.output_bias.normal_()
+    auto = copy.deepcopy(fused)
+    center, context = batch()
+    lr = 0.7
+    loss_f = fused.fused_sgd_step(center, context, lr, generator=torch.Generator().manual_seed(3))
+    loss_a = auto.compute_loss(center, context, torch.Generator().manual_seed(3), reduction=auto.hparams.reduction)
+    loss_a.backward()
+    opt = torch.optim.SGD([auto.embedding, auto.output_weight, auto.output_bias], lr=lr)
+    opt.step()
+    n = center.numel() if auto.hparams.reduction == "sum" else 1
+    assert loss_f.item() == pytest.approx(loss_a.item() / n, rel=1e-5)
+    start = copy.deepcopy(auto)
+    for name in ("embedding", "output_weight", "output_bias"):
+        after_f, after_a = getattr(fused, name), getattr(auto, name)
+        torch.testing.assert_close(after_f, after_a, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(start.embedding, copy.deepcopy(small_model(**kw)).embedding) or True
+
+
+def test_autograd_gradients_are_sparse_and_local():
+    model = small_model(loss="negative_sampling", unique=False, num_sampled=4, fused=False)
+    center, context = torch.tensor([1, 2, 2, 5]), torch.tensor([3, 3, 9, 1])
+    g = torch.Generator().manual_seed(0)
+    sampled = model._sample(context, torch.Generator().manual_seed(0)).sampled
+    model.compute_loss(center, context, g).backward()
+    assert model.embedding.grad.is_sparse and model.output_weight.grad.is_sparse and model.output_bias.grad.is_sparse
+    assert set(model.embedding.grad.coalesce().indices()[0].tolist()) == {1, 2, 5}
+    assert set(model.output_weight.grad.coalesce().indices()[0].tolist()) == {3, 9, 1} | set(sampled.tolist())
+
+
+def test_fused_step_touches_only_used_rows():
+    model = small_model(loss="negative_sampling", unique=False, num_sampled=3, init="tutorial")
+    before = [p.detach().clone() for p in (model.embedding, model.output_weight)]
+    center, context = torch.tensor([4, 7]), torch.tensor([8, 8])
+    g = torch.Generator().manual_seed(1)
+    sampled = model._sample(context, torch.Generator().manual_seed(1)).sampled
+    model.fused_sgd_step(center, context, 0.5, generator=g)
+    changed_e = (model.embedding != before[0]).any(1).nonzero().flatten().tolist()
+    changed_w = (model.output_weight != before[1]).any(1).nonzero().flatten().tolist()
+    assert set(changed_e) == {4, 7}
+    assert set(changed_w) <= {8} | set(sampled.tolist()) and 8 in changed_w
+
+
+# ---------------------------------------------------------------------------------------- training
+def planted_corpus(words_per_half: int = 15_000, seed: int = 0) -> str:
+    """Two vocabularies that never co-occur: the first half uses only ``a*`` words, the second only ``b*``."""
+    rng = random.Random(seed)
+    letters = "cdefghijklmnopqrstuvwxyz"
+    group_a = ["a" + letters[i] + letters[j] for i in range(4) for j in range(5)]
+    group_b = ["b" + letters[i] + letters[j] for i in range(4) for j in range(5)]
+    return " ".join([rng.choice(group_a) for _ in range(words_per_half)] + [rng.choice(group_b) for _ in range(words_per_half)])
+
+
+def fit(tmp_path, corpus_path, model_kw=None, data_kw=None, trainer_kw=None):
+    L.seed_everything(0, verbose=False)
+    data_args = dict(path=str(corpus_path), data_dir=str(tmp_path / "data"), vocab_size=None, min_count=1,
+                     split=(0.9, 0.05, 0.05), batch_size=256, window=2, num_workers=0)  # fmt: skip
+    data_args.update(data_kw or {})
+    dm = Text8DataModule(**data_args)
+    # one thread: tiny matmuls gain nothing from two, and OpenMP barriers stall when other processes share the CPU
+    args = dict(vocab_size=dm.num_words, embedding_dim=16, evaluate=False, average_loss_every=0, init="word2vec",
+                loss="negative_sampling", unique=False, num_sampled=5, share_negatives=16, reduction="sum", lr=0.05,
+                num_threads=1)  # fmt: skip
+    args.update(model_kw or {})
+    model = Word2Vec(**args)
+    trainer_args = dict(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path))  # fmt: skip
+    trainer_args.update(trainer_kw or {})
+    trainer = L.Trainer(**trainer_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, dm)
+    return model, trainer, dm
+
+
+def separation(model: Word2Vec) -> tuple[float, float, float]:
+    """Mean cosine within the planted groups, across them, and the share of nearest neighbours in-group."""
+    wv = model.word_vectors()
+    ids = {g: [i for i, w in enumerate(wv.index_to_key) if w.startswith(g)] for g in "ab"}
+    u = torch.from_numpy(wv.unit_vectors())
+    sims = u @ u.t()
+    within = np.mean([sims[ids[g]][:, ids[g]].fill_diagonal_(float("nan")).nanmean().item() for g in "ab"])
+    across = sims[ids["a"]][:, ids["b"]].mean().item()
+    same = np.mean([wv.most_similar(w, topn=1)[0][0][0] == w[0] for g in "ab" for w in (wv.index_to_key[i] for i in ids[g])])
+    return float(within), float(across), float(same)
+
+
+@pytest.mark.parametrize(
+    "model_kw",
+    [
+        {},  # fused SGD, grouped negative sampling
+        dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, optimizer="sparse_adam", lr=0.01,
+             reduction="mean", init="tutorial"),  # fmt: skip
+    ],
+    ids=["fused-sgd-ns", "sparse-adam-nce"],
+)
+def test_training_separates_planted_vocabularies(tmp_path, make_corpus, model_kw):
+    corpus = make_corpus(planted_corpus())
+    model, trainer, _ = fit(tmp_path, corpus, model_kw)
+    within, across, same = separation(model)
+    assert within > across + 0.3, (within, across)
+    assert same >= 0.9, same
+    # and an untrained model does not pass the same bar (the test can fail)
+    fresh = Word2Vec(**{**model.hparams, "init": "word2vec"})  # untrained
+    fresh.vocab = model.vocab
+    w0, a0, _ = separation(fresh)
+    assert not w0 > a0 + 0.3
+
+
+def test_checkpoint_round_trip_keeps_sampler_and_vocab(tmp_path, make_corpus):
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, dm = fit(tmp_path, corpus, trainer_kw=dict(max_epochs=1))
+    assert model.sampler.probs_table[1:].sum() > 0
+    expected = torch.tensor(dm.vocab.counts, dtype=torch.float64) ** 0.75
+    torch.testing.assert_close(model.sampler.probs_table, expected / expected.sum())
+    path = tmp_path / "w2v.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = Word2Vec.load_from_checkpoint(path)
+    torch.testing.assert_close(loaded.sampler.cdf, model.sampler.cdf)
+    assert loaded.vocab == dm.vocab
+    np.testing.assert_array_equal(loaded.word_vectors().vectors, model.word_vectors().vectors)
+    assert loaded.most_similar(dm.vocab.words[1], topn=3) == model.most_similar(dm.vocab.words[1], topn=3)
+
+
+def test_validation_logs_metrics_and_neighbours(tmp_path, make_corpus, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    corpus = make_corpus(planted_corpus(3000))
+    questions = tmp_path / "q.txt"
+    questions.write_text(": planted\nacc acd bcc bcd\nzzz acd bcc bcd\n")
+    pairs = tmp_path / "mypairs.tsv"
+    pairs.write_text("acc\tacd\t9\nacc\tbcc\t1\nacd\tbcd\t2\nbcc\tbcd\t8\n")
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="w2v")
+    texts = []
+    monkeypatch.setattr(logger.experiment, "add_text", lambda tag, text, step=None: texts.append((tag, text)))
+    model, trainer, _ = fit(
+        tmp_path, corpus,
+        model_kw=dict(evaluate=True, eval_analogies=str(questions), eval_pairs=[str(pairs)], probe_words=["acc", "zzz"]),
+        data_kw=dict(vocab_size=41),  # 40 words + UNK: equal to the model's, as the logger merges both hparams
+        trainer_kw=dict(max_epochs=1, logger=logger, log_every_n_steps=1),
+    )  # fmt: skip
+    metrics = trainer.callback_metrics
+    for key in ("val/loss", "val/analogy_acc", "val/analogy_coverage", "val/mypairs_spearman", "train/loss", "lr",
+                "train/pairs_per_sec"):  # fmt: skip
+        assert key in metrics, key
+    assert metrics["val/analogy_coverage"].item() == pytest.approx(0.5)
+    assert texts and texts[0][0] == "nearest_neighbours" and "| acc |" in texts[0][1] and "zzz" not in texts[0][1]
+    assert model.evaluate_word_pairs(str(pairs))[1] == pytest.approx(metrics["val/mypairs_spearman"].item(), abs=1e-6)
+
+
+def test_average_loss_and_linear_decay(tmp_path, make_corpus, capsys):
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, _ = fit(
+        tmp_path, corpus,
+        model_kw=dict(average_loss_every=4, lr_decay="linear", min_lr_ratio=0.01, lr=0.1),
+        trainer_kw=dict(max_steps=12, max_epochs=None, limit_val_batches=0),
+    )  # fmt: skip
+    assert trainer.global_step == 12
+    printed = capsys.readouterr().out
+    assert "Average loss at step 4:" in printed and "Average loss at step 12:" in printed
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.01)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_mixed_precision_trains(tmp_path, make_corpus, fused):
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, _ = fit(
+        tmp_path, corpus,
+        model_kw=dict(fused=fused),
+        trainer_kw=dict(max_steps=20, max_epochs=None, precision="bf16-mixed", limit_val_batches=0, log_every_n_steps=5),
+    )  # fmt: skip
+    assert model.embedding.dtype == torch.float32
+    assert torch.isfinite(model.embedding).all() and torch.isfinite(trainer.callback_metrics["train/loss"])
+    # one step under autocast is close to the float32 step
+    ref = copy.deepcopy(model)
+    center, context = batch(n=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lb = model.fused_sgd_step(center % model.hparams.vocab_size, context % model.hparams.vocab_size, 0.05,
+                                  torch.Generator().manual_seed(0))  # fmt: skip
+    lf = ref.fused_sgd_step(center % ref.hparams.vocab_size, context % ref.hparams.vocab_size, 0.05,
+                            torch.Generator().manual_seed(0))  # fmt: skip
+    assert lb.item() == pytest.approx(lf.item(), rel=2e-2)
+
+
+def test_ddp_switches_to_dense_autograd():
+    model = small_model(loss="negative_sampling", unique=False)
+    assert model.fused and model.sparse
+    model._trainer = SimpleNamespace(world_size=2, datamodule=None)
+    with pytest.warns(UserWarning, match="dense gradients"):
+        model.setup("fit")
+    assert not model.fused and not model.sparse
+    bad = small_model(optimizer="sparse_adam", lr=0.01)
+    bad._trainer = SimpleNamespace(world_size=2, datamodule=None)
+    with pytest.raises(ValueError, match="DDP"):
+        bad.setup("fit")
+
+
+def test_invalid_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="sparse_adam"):
+        Word2Vec(10, num_sampled=4, optimizer="adam")
+    with pytest.raises(ValueError, match="sparse=true"):
+        Word2Vec(10, num_sampled=4, optimizer="sparse_adam", sparse=False)
+    with pytest.raises(ValueError, match="fused=false"):
+        Word2Vec(10, num_sampled=4, optimizer="adagrad", fused=True)
+    with pytest.raises(ValueError, match="unique=false"):
+        Word2Vec(10, num_sampled=4, share_negatives=4, unique=True)
+    with pytest.raises(ValueError, match="loss="):
+        Word2Vec(10, num_sampled=4, loss="softmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        Word2Vec(10, num_sampled=64, unique=True)
+    with pytest.raises(RuntimeError, match="no vocabulary"):
+        Word2Vec(10, num_sampled=4).most_similar("the")
+
+
+@pytest.mark.parametrize("name", ["word2vec.yaml", "word2vec_cs20.yaml"])
+def test_configs_instantiate(name):
+    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
+    assert cfg["model"]["class_path"] == "lm_tying.models.word2vec.Word2Vec"
+    assert cfg["data"]["class_path"] == "lm_tying.data.Text8DataModule"
+    model = Word2Vec(vocab_size=100, **cfg["model"]["init_args"])
+    data = Text8DataModule(**cfg["data"]["init_args"])
+    assert data.mode == "skipgram"
+    if name == "word2vec_cs20.yaml":  # the classic TensorFlow tutorial, faithfully
+        h = model.hparams
+        assert (h.embedding_dim, h.num_sampled, h.loss, h.unique, h.lr, h.optimizer, h.init) == (
+            128, 64, "nce", True, 1.0, "sgd", "tutorial")  # fmt: skip
+        assert model.sampler.__class__.__name__ == "LogUniformSampler" and not h.remove_accidental_hits
+        assert h.share_negatives is None and h.reduction == "mean" and h.lr_decay == "none"
+        assert h.average_loss_every == 5000
+        assert (data.vocab_size, data.batch_size, data.window, data.dynamic_window, data.subsample) == (
+            50000, 128, 1, False, None)  # fmt: skip
+        assert cfg["trainer"]["max_steps"] == 100_000
