@@ -354,6 +354,7 @@ def _lm_checkpoint(path: Path, words: list[str], weight: torch.Tensor) -> Path:
             "state_dict": source.state_dict(),
             "hyper_parameters": dict(source.hparams),
             "lm_tying_model": "LSTMLanguageModel",
+            "pytorch-lightning_version": L.__version__,
             "vocabulary": {"words": words, "counts": [1] * len(words)},
         },
         path,

@@ -589,6 +589,7 @@ def _vectors_from_checkpoint(path: Path) -> tuple[list[str], Tensor]:
         raise ValueError(
             f"{str(path)!r} is not a checkpoint of this project (no 'lm_tying_model' and 'vocabulary' entries)"
         )
+    del checkpoint
     if kind == "LSTMLanguageModel":
         model_cls: type[WordEmbeddingModule] = LSTMLanguageModel
     elif kind == "Word2Vec":
@@ -597,9 +598,10 @@ def _vectors_from_checkpoint(path: Path) -> tuple[list[str], Tensor]:
         model_cls = Word2Vec
     else:
         raise ValueError(f"{str(path)!r} holds a {kind!r} model; embedding_init takes Word2Vec or LSTMLanguageModel")
-    model = model_cls(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
-    words = list(checkpoint["vocabulary"]["words"])
+    # Lightning's loader: it knows the CLI's hyperparameter entries (_class_path, _instantiator), and the
+    # model's on_load_checkpoint restores the vocabulary.
+    model = model_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    words = list(model.vocab.words)
     vectors = model.input_embeddings().detach().float().cpu()
     if len(words) != vectors.shape[0]:
         raise ValueError(f"{str(path)!r}: {len(words)} vocabulary words but {vectors.shape[0]} embedding rows")
