@@ -97,12 +97,14 @@ class WindowTimer(Callback):
         self.elapsed = self.cpu = 0.0
         self.tokens = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if trainer.global_step == self.warmup:
             synchronize(pl_module.device)
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
         if self.start is None:
             return
         self.tokens += batch[1].numel()
@@ -121,7 +123,9 @@ def lightning_tokens_per_sec(args: argparse.Namespace, data: Text8DataModule, ro
     return timer.tokens / timer.elapsed, timer.tokens / timer.cpu
 
 
-def plain_tokens_per_sec(args: argparse.Namespace, data: Text8DataModule, device: torch.device) -> tuple[float, float]:
+def plain_tokens_per_sec(
+    args: argparse.Namespace, data: Text8DataModule, device: torch.device
+) -> tuple[float, float]:
     """The example's training loop over the same module and the same batches."""
     model = make_model(args, data.num_words, tie=True).to(device)
     model.train()
@@ -209,7 +213,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+    wants_gpu = args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if wants_gpu else "cpu")
     data = Text8DataModule(
         path=args.corpus,
         data_dir=args.data_dir,

@@ -424,7 +424,8 @@ def test_embedding_init_happens_in_fit_setup_and_not_on_reload(make_corpus, tmp_
     assert not torch.allclose(loaded.embedding.weight, src)
     # Resuming a fit (ckpt_path) of a model configured with embedding_init does not read it either.
     resumed = tiny(9, 8, 8, embedding_init=str(path), freeze_embedding=True, lr=1.0)
-    trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(resumed, lm_data(corpus, tmp_path), ckpt_path=tmp_path / "m.ckpt")
+    resume = trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    resume.fit(resumed, lm_data(corpus, tmp_path), ckpt_path=tmp_path / "m.ckpt")
     torch.testing.assert_close(resumed.embedding.weight, src)
 
 
