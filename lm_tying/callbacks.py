@@ -102,7 +102,7 @@ class EmbeddingProjector(Callback):
     def __init__(
         self,
         num_visualize: int = 3000,
-        every_n_validations: Optional[int] = 10,
+        every_n_validations: Optional[int] = 5,
         tag: str = "word_embeddings",
         include_unk: bool = False,
     ) -> None:
@@ -232,6 +232,27 @@ class LastCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_now(trainer)
         rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; last checkpoint: {self.last_model_path}")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``<dirpath>/best.ckpt``: the state with the lowest ``monitor`` (default ``val/loss``) seen at a validation.
+
+    Checked at validation ends only, so a run stopped before its first validation has no ``best.ckpt`` (and no
+    warning about a missing metric at the end of a truncated epoch).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, monitor: str = "val/loss", mode: str = "min") -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+            save_on_train_epoch_end=False,
+        )
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -416,3 +437,21 @@ class RunMetadata(Callback):
                 version = logger.version
                 break
         checkpoint["lm_tying_run"] = {"run_name": self.run_name, "log_version": version}
+
+
+class DataHyperparameters(Callback):
+    """Records the data module's hyperparameters as ``data/<name>`` next to the model's (``hparams.yaml``).
+
+    Lightning would merge both into one namespace and stop with "Error while merging hparams" when a key differs,
+    and ``vocab_size`` differs by design whenever ``min_count`` or a small corpus trims the vocabulary: the data's is
+    the cap asked for, the model's the size actually built (linked from ``data.num_words``). The CLI turns the data
+    module's own logging off and installs this callback instead.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        params = {f"data/{k}": v for k, v in datamodule.hparams_initial.items()}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)

@@ -41,6 +41,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_tying.callbacks import (
+    BestCheckpoint,
+    DataHyperparameters,
     EmbeddingProjector,
     GracefulInterrupt,
     LastCheckpoint,
@@ -197,22 +199,15 @@ class LmTyingCLI(LightningCLI):
 
         callbacks = list(trainer_cfg.get("callbacks") or [])
         callbacks += [RunMetadata(self.run_name), RandomStateCheckpoint(), GracefulInterrupt()]
+        if self.datamodule is not None and getattr(self.datamodule, "_log_hyperparams", False):
+            self.datamodule._log_hyperparams = False  # see DataHyperparameters
+            callbacks.append(DataHyperparameters())
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             user_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
             if not user_ckpt:
                 callbacks.append(LastCheckpoint(str(run_dir), every_n_train_steps=ckpt_cfg["every_n_train_steps"]))
                 if ckpt_cfg.get("monitor"):
-                    callbacks.append(
-                        ModelCheckpoint(
-                            dirpath=str(run_dir),
-                            filename="best",
-                            monitor=ckpt_cfg["monitor"],
-                            mode="min",
-                            save_top_k=1,
-                            enable_version_counter=False,
-                            auto_insert_metric_name=False,
-                        )
-                    )
+                    callbacks.append(BestCheckpoint(str(run_dir), monitor=ckpt_cfg["monitor"]))
         kwargs["callbacks"] = callbacks
 
         plugins = trainer_cfg.get("plugins")
