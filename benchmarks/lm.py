@@ -162,9 +162,11 @@ def plain_tokens_per_sec(
 
 def train_for_budget(args: argparse.Namespace, data: Text8DataModule, root: Path, tie: bool) -> dict[str, Any]:
     model = make_model(args, data.num_words, tie=tie)
-    seconds = int(args.budget)
-    budget = f"00:00:{seconds // 60:02d}:{seconds % 60:02d}"
-    trainer = L.Trainer(**trainer_kwargs(args, root, max_time=budget, max_epochs=1000))
+    if args.budget_steps:
+        limit: dict[str, Any] = {"max_steps": args.budget_steps}
+    else:
+        limit = {"max_time": {"seconds": int(args.budget)}, "max_epochs": 1000}
+    trainer = L.Trainer(**trainer_kwargs(args, root, **limit))
     started = time.perf_counter()
     trainer.fit(model, data)
     trained = time.perf_counter() - started
@@ -201,6 +203,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per throughput run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain/Lightning throughput rounds")
     parser.add_argument("--budget", type=float, default=150, help="training seconds for each of tied and untied")
+    parser.add_argument(
+        "--budget_steps", type=int, default=None, help="train each this many steps instead (equal tokens)"
+    )
     parser.add_argument("--skip_throughput", action="store_true")
     parser.add_argument("--skip_quality", action="store_true")
     parser.add_argument("--accelerator", default="cpu", help="cpu, cuda/gpu or auto")
@@ -279,7 +284,11 @@ def main() -> None:
         if not args.skip_quality:
             runs = [train_for_budget(args, data, root, tie) for tie in (True, False)]
             figures["quality"] = runs
-            print(f"QUALITY at equal wall time ({args.budget:.0f} s of training each), validation split:")
+            if args.budget_steps:
+                budget = f"equal steps ({args.budget_steps:,} each)"
+            else:
+                budget = f"equal wall time ({args.budget:.0f} s of training each)"
+            print(f"QUALITY at {budget}, validation split:")
             for run in runs:
                 print(
                     f"  {'tied  ' if run['tied'] else 'untied'}: {run['parameters']:,} parameters, "
