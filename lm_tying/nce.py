@@ -50,9 +50,9 @@ __all__ = [
 class SampledValues(NamedTuple):
     """What a candidate sampler returns, as TF's ``sampled_values`` triple."""
 
-    sampled: Tensor  # LongTensor[num_sampled]: the shared negative classes
-    true_expected_count: Tensor  # float32, shape of labels
-    sampled_expected_count: Tensor  # float32[num_sampled]
+    sampled: Tensor  # LongTensor[num_sampled] (shared by the batch) or [groups, num_sampled]
+    true_expected_count: Tensor | None  # float32, shape of labels (None when not asked for)
+    sampled_expected_count: Tensor | None  # float32, shape of sampled
     num_tries: int  # draws made (== num_sampled unless unique=True)
 
 
@@ -162,13 +162,15 @@ class CandidateSampler(nn.Module):
         unique: bool = True,
         generator: torch.Generator | None = None,
         groups: int | None = None,
+        expected_counts: bool = True,
     ) -> SampledValues:
         """Sample negatives for a batch with true ``labels`` and return TF's sampled_values.
 
         ``groups=None``: one draw of ``num_sampled`` shared by the whole batch (``sampled`` is ``[K]``),
         as tf.nn.nce_loss. ``groups=n``: ``n`` independent draws (``sampled`` is ``[n, K]``), each shared
         by one of ``n`` consecutive groups of the batch -- smaller groups spread the negative updates over
-        more rows (see ``sampled_logits``); needs ``unique=False``.
+        more rows (see ``sampled_logits``); needs ``unique=False``. ``expected_counts=False`` skips
+        the counts (negative sampling does not use them).
         """
         if groups is None:
             sampled, num_tries = self.sample(num_sampled, unique, labels.device, generator)
@@ -176,6 +178,8 @@ class CandidateSampler(nn.Module):
             if unique:
                 raise ValueError("grouped negatives (groups=n) are drawn with replacement: use unique=False")
             sampled, num_tries = self.draw(groups * num_sampled, labels.device, generator).view(groups, num_sampled), num_sampled
+        if not expected_counts:
+            return SampledValues(sampled, None, None, num_tries)
         return SampledValues(
             sampled,
             self.expected_count(labels, num_sampled, num_tries, unique),
@@ -396,6 +400,8 @@ def nce_loss(
     as ``tf.reduce_mean`` in the tutorial).
     """
     sampled, true_count, samp_count = sampled_values[0], sampled_values[1], sampled_values[2]
+    if true_count is None or samp_count is None:
+        raise ValueError("nce_loss needs the expected counts: sample with expected_counts=True")
     true_logits, samp_logits = sampled_logits(weights, biases, labels, inputs, sampled, sparse)
     if remove_accidental_hits:
         hits = accidental_hits(labels, sampled)
