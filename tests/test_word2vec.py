@@ -200,15 +200,25 @@ def test_validation_logs_metrics_and_neighbours(tmp_path, make_corpus, monkeypat
 
 
 def test_average_loss_and_linear_decay(tmp_path, make_corpus, capsys):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
     corpus = make_corpus(planted_corpus(3000))
+    logger = CSVLogger(str(tmp_path / "csv"), name="w2v")
     model, trainer, _ = fit(
         tmp_path, corpus,
         model_kw=dict(average_loss_every=4, lr_decay="linear", min_lr_ratio=0.01, lr=0.1),
-        trainer_kw=dict(max_steps=12, max_epochs=None, limit_val_batches=0),
+        data_kw=dict(vocab_size=41),  # == the model's: the logger merges both hparams
+        trainer_kw=dict(max_steps=12, max_epochs=None, limit_val_batches=0, logger=logger, log_every_n_steps=5),
     )  # fmt: skip
     assert trainer.global_step == 12
     printed = capsys.readouterr().out
     assert "Average loss at step 4:" in printed and "Average loss at step 12:" in printed
+    logger.save()
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    avg_steps = [int(r["step"]) for r in rows if r.get("train/avg_loss")]
+    assert avg_steps == [4, 8, 12]  # written although 4, 8 and 12 are not logging steps (every 5)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.01)
 
 

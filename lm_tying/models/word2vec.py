@@ -363,7 +363,9 @@ class Word2Vec(WordEmbeddingModule):
             self._avg_steps += 1
             if self._avg_steps == every:
                 avg = float(self._avg_loss) / every
-                self.log("train/avg_loss", avg, on_step=True, on_epoch=False)
+                # straight to the loggers: written at this step even when it is not a logging step
+                for logger in self.loggers:
+                    logger.log_metrics({"train/avg_loss": avg}, step=self.global_step)
                 self.print(f"Average loss at step {self.global_step}: {avg:.3f}")
                 self._avg_loss, self._avg_steps = None, 0
         log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
