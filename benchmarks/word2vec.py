@@ -125,8 +125,12 @@ def run_gensim(args, cfg, ours: dict) -> dict | None:
     raw = _raw_train_words(args.corpus, len(ours["train_tokens"]))
     sentences = [raw[i : i + 10_000] for i in range(0, len(raw), 10_000)]
     lr = m.get("lr", 0.025) if m.get("reduction") == "sum" else 0.025
+    # negatives per pair: K shared samples weighted w estimate word2vec's objective with K * w negatives
+    negative = m.get("num_sampled", 5)
+    if m.get("loss") == "negative_sampling":
+        negative = max(1, round(negative * m.get("negative_weight", 1.0)))
     settings = dict(
-        vector_size=m.get("embedding_dim", 128), window=d.get("window", 5), negative=m.get("num_sampled", 5),
+        vector_size=m.get("embedding_dim", 128), window=d.get("window", 5), negative=negative,
         sample=d.get("subsample") or 0, min_count=d.get("min_count") or 1, max_final_vocab=d.get("vocab_size"),
         epochs=ours["epochs"], alpha=lr, min_alpha=lr * m.get("min_lr_ratio", 1e-4),
         workers=args.threads or os.cpu_count(), sg=1, hs=0, seed=args.seed,

@@ -215,26 +215,29 @@ class LogUniformSampler(CandidateSampler):
 class UnigramSampler(CandidateSampler):
     """Sampler with ``P(k) ∝ counts[k] ** power`` (``power=0.75``: word2vec's noise distribution).
 
-    The tables (``probs`` and the cumulative ``cdf``, float64) are buffers sized ``num_classes`` at
-    construction so that they exist before the vocabulary is known and are restored from checkpoints;
-    :meth:`set_counts` fills them. Drawing is a binary search of uniforms in the CDF.
+    The tables are buffers sized ``num_classes`` at construction, so that they exist before the
+    vocabulary is known and are restored from checkpoints; :meth:`set_counts` fills them. Drawing uses
+    Walker's alias method (O(1) per draw, exact): one uniform picks a column ``k`` and, by its
+    fractional part, either ``k`` or its alias ``alias[k]`` -- two gathers, no search over the vocabulary.
     """
 
     probs_table: Tensor
-    cdf: Tensor
+    alias_accept: Tensor
+    alias: Tensor
 
     def __init__(self, num_classes: int, counts: Tensor | np.ndarray | None = None, power: float = 0.75) -> None:
         super().__init__(num_classes)
         self.power = float(power)
         self.register_buffer("probs_table", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64))
-        self.register_buffer("cdf", torch.cumsum(self.probs_table, 0))
+        self.register_buffer("alias_accept", torch.ones(num_classes, dtype=torch.float64))
+        self.register_buffer("alias", torch.arange(num_classes))
         if counts is not None:
             self.set_counts(counts)
 
     @torch.no_grad()
     def set_counts(self, counts: Tensor | np.ndarray) -> None:
         """(Re)build the tables from raw class counts (in place, so the buffers keep their device)."""
-        c = torch.as_tensor(np.asarray(counts) if not isinstance(counts, Tensor) else counts).to(torch.float64)
+        c = (counts.detach().cpu() if isinstance(counts, Tensor) else torch.as_tensor(np.asarray(counts))).double()
         if c.shape != (self.num_classes,):
             raise ValueError(f"counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
         if (c < 0).any() or not torch.isfinite(c).all():
@@ -243,18 +246,38 @@ class UnigramSampler(CandidateSampler):
         if w.sum() <= 0:
             raise ValueError("counts are all zero: nothing to sample from")
         p = w / w.sum()
+        accept, alias = _alias_tables(p.numpy())
         self.probs_table.copy_(p)
-        cdf = torch.cumsum(p, 0)
-        cdf /= cdf[-1].clone()
-        self.cdf.copy_(cdf)
+        self.alias_accept.copy_(torch.from_numpy(accept))
+        self.alias.copy_(torch.from_numpy(alias))
 
     def log_prob(self, ids: Tensor) -> Tensor:
         return self.probs_table[ids].log()
 
     def draw(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(n, dtype=torch.float64, device=self.cdf.device, generator=generator)
-        # first k with cdf[k] > u; zero-count classes (flat cdf) can never be returned
-        return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.num_classes - 1)
+        V = self.num_classes
+        u = torch.rand(n, dtype=torch.float64, device=self.alias.device, generator=generator) * V
+        k = u.long().clamp_(max=V - 1)
+        keep = (u - k) < self.alias_accept[k]  # the fractional part is a second, independent uniform
+        return torch.where(keep, k, self.alias[k])
+
+
+def _alias_tables(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vose's alias tables for the distribution ``p``: column ``k`` keeps ``k`` with probability
+    ``accept[k]`` and gives ``alias[k]`` otherwise; every column has mass ``1 / len(p)``."""
+    n = len(p)
+    scaled = p * n
+    accept = np.ones(n)
+    alias = np.arange(n, dtype=np.int64)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        s, big = small.pop(), large.pop()
+        accept[s], alias[s] = scaled[s], big
+        scaled[big] -= 1.0 - scaled[s]  # the big class fills the rest of column s
+        (small if scaled[big] < 1.0 else large).append(big)
+    # what is left holds mass 1 up to rounding: keep itself (zero-mass classes are never left over)
+    return accept, alias
 
 
 def make_sampler(

@@ -228,6 +228,21 @@ def test_unigram_empirical_distribution():
         assert_matches(draws, torch.tensor(counts / counts.sum()))
 
 
+def test_unigram_alias_tables_on_a_zipf_vocabulary():
+    torch.manual_seed(2)
+    counts = (1e6 / np.arange(1, 3001)).astype(np.int64)
+    counts[[5, 700]] = 0
+    sampler = UnigramSampler(3000, counts, power=0.75)
+    draws = sampler.draw(300_000)
+    assert not torch.isin(draws, torch.tensor([5, 700])).any()
+    assert_matches(draws, sampler.probs())
+    # every alias column carries mass 1/V: the tables reproduce p exactly
+    V = 3000
+    acc, alias = sampler.alias_accept, sampler.alias
+    mass = acc / V + torch.zeros(V, dtype=torch.float64).index_add_(0, alias, (1 - acc) / V)
+    torch.testing.assert_close(mass, sampler.probs(), rtol=1e-9, atol=1e-12)
+
+
 def test_unique_sampling_follows_tf_semantics():
     """Same random stream, replayed by a plain loop: distinct ids in first-draw order, num_tries counted."""
     sampler = LogUniformSampler(40)
@@ -275,8 +290,8 @@ def test_samplers_reproducible_and_keep_precision():
     assert torch.equal(a, b)
     s = make_sampler("unigram", 5, counts=np.array([5, 4, 3, 2, 1]))
     s = s.to(torch.bfloat16)
-    assert s.cdf.dtype == torch.float64 and s.probs_table.dtype == torch.float64
-    assert "cdf" in s.state_dict()
+    assert s.alias_accept.dtype == torch.float64 and s.probs_table.dtype == torch.float64
+    assert {"alias", "alias_accept", "probs_table"} <= set(s.state_dict())
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("zipf", 10)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape"):
