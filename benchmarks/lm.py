@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -240,6 +241,11 @@ def main() -> None:
         f"{args.batch_size} x {args.bptt}; network {args.num_layers} x LSTM {args.embedding_dim}/{args.hidden_dim}, "
         f"device {device}, precision {args.precision}, torch threads {torch.get_num_threads()}"
     )
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5:
+        # Other processes on the CPU: with more threads than free cores, OpenMP threads spin and wait on
+        # each other, and every figure (plain and Lightning alike) collapses; --threads 1 is steadier.
+        print(f"note: load average {load:.1f} on {cores} cores before starting: timings are shared with other work")
     figures: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     with tempfile.TemporaryDirectory() as tmp:
