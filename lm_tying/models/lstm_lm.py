@@ -292,8 +292,8 @@ class LSTMLanguageModel(WordEmbeddingModule):
         """Learning rate and tokens/s (all ranks together), logged only on logging steps.
 
         Logging a Python number makes Lightning copy it to the device, which waits for the device; on
-        logging steps Lightning synchronizes anyway, so the measurement interval is between two
-        synchronizations and is exact. Validation time is excluded (the timer restarts after it).
+        logging steps Lightning synchronizes anyway, so the interval runs between two synchronizations
+        and its time is real device time, not queueing. Validation time is excluded (the timer restarts).
         """
         now = time.perf_counter()
         if self._tps_start is None:
