@@ -140,3 +140,18 @@ def test_projector_writes_only_on_global_rank_zero(tmp_path):
     trainer = SimpleNamespace(is_global_zero=False, global_step=3, loggers=[])
     assert EmbeddingProjector().write(trainer, pl_module=None) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_saves(tmp_path):
+    """A SIGTERM that reaches rank 1 only: the ranks agree on it after the step, save last.ckpt together and all
+    exit with 128 + 15 (Lightning's own handler, with a broadcast inside the signal handler, hangs here)."""
+    corpus = write_corpus(tmp_path, num_words=4000)
+    cfg = write_config(tmp_path, "lm", corpus, name="run", max_steps=100)
+    proc = run_cli(
+        ["fit", "--config", str(cfg), *DDP, *callbacks_arg(("SignalAtStep", {"step": 3, "signum": 15, "rank": 1}))],
+        cwd=tmp_path,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert load_ckpt(tmp_path / "checkpoints/run/last.ckpt")["global_step"] == 3
