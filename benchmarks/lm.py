@@ -289,7 +289,8 @@ def main() -> None:
                 f"target >= 0.95), {ratio:.3f} best of rounds, {cpu_ratio:.3f} per CPU-second of this process "
                 f"(the steadiest when other processes share the CPU). Best: plain {best_plain:,.0f} tokens/s, "
                 f"Lightning {best_lightning:,.0f} tokens/s; the PyTorch example's reference on this CPU is "
-                f"{REFERENCE_TOKENS_PER_SEC:,} tokens/s -> Lightning at {best_lightning / REFERENCE_TOKENS_PER_SEC:.2f}x"
+                f"{REFERENCE_TOKENS_PER_SEC:,} tokens/s -> Lightning at "
+                f"{best_lightning / REFERENCE_TOKENS_PER_SEC:.2f}x"
             )
 
         if not args.skip_quality:
