@@ -352,12 +352,15 @@ class RandomStateCheckpoint(Callback):
         if len(ranks) != world:
             rank_zero_warn(
                 f"The checkpoint holds the random state of {len(ranks)} process(es), this run has {world}: every "
-                "process continues from rank 0's state, so the resumed run is not bit-identical to an uninterrupted one."
+                "process continues from rank 0's state, so the resumed run is not bit-identical to an "
+                "uninterrupted one."
             )
             rank = 0
         self._pending = ranks[rank]
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None:
             self._apply(self._pending)
             self._pending = None
@@ -459,7 +462,9 @@ class RunMetadata(Callback):
     def __init__(self, run_name: str) -> None:
         self.run_name = run_name
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         version = None
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -108,7 +108,9 @@ def output_kind(output: str | os.PathLike) -> str:
         return "text"
     if out.suffix == ".bin":
         return "binary"
-    raise ExportError(f"--output {str(output)!r}: give a .txt file (word2vec text), a .bin file (binary) or a directory")
+    raise ExportError(
+        f"--output {str(output)!r}: give a .txt file (word2vec text), a .bin file (binary) or a directory"
+    )
 
 
 def write_projector_tsv(words: list[str], vectors: np.ndarray, directory: str | os.PathLike) -> list[Path]:

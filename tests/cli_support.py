@@ -44,7 +44,8 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"lm-tying {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        raise AssertionError(f"lm-tying {' '.join(args)} -> {proc.returncode}\n{output}")
     return proc
 
 

@@ -90,7 +90,12 @@ BAD_INPUTS = [
     # (case, arguments after "fit", expected message, run in a subprocess (else in-process, to keep the suite fast))
     ("missing config", ["--config", "nope.yaml"], "File does not exist", True),
     ("missing checkpoint", ["--config", "lm.yaml", "--ckpt_path", "nope.ckpt"], "does not exist", False),
-    ("not a checkpoint", ["--config", "lm.yaml", "--ckpt_path", "corpus.txt"], "not a readable PyTorch checkpoint", False),
+    (
+        "not a checkpoint",
+        ["--config", "lm.yaml", "--ckpt_path", "corpus.txt"],
+        "not a readable PyTorch checkpoint",
+        False,
+    ),
     (
         "checkpoint of the other model",
         ["--config", "word2vec.yaml", "--ckpt_path", "checkpoints/lm/last.ckpt"],
@@ -111,7 +116,9 @@ BAD_INPUTS = [
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("case, extra, message, in_subprocess", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_inputs_exit_nonzero_with_a_readable_message(trained, case, extra, message, in_subprocess, capsys, monkeypatch):
+def test_bad_inputs_exit_nonzero_with_a_readable_message(
+    trained, case, extra, message, in_subprocess, capsys, monkeypatch
+):
     root, _, _ = trained
     (root / "bad.txt").write_text("Hello World, 123 words")
     if in_subprocess:

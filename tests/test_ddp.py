@@ -69,7 +69,8 @@ def ddp_runs(tmp_path_factory):
             ("CopyFileAtStep", {"step": K, "src": "checkpoints/run/last.ckpt", "dest": step_k}),
             extra=["--checkpoint.every_n_train_steps", str(K)],
         )
-        ddp_fit(root / "b", cfg, ("RecordBatches", {"out_dir": str(root / "b" / "record")}), extra=["--ckpt_path", step_k])
+        record_b = ("RecordBatches", {"out_dir": str(root / "b" / "record")})
+        ddp_fit(root / "b", cfg, record_b, extra=["--ckpt_path", step_k])
         runs[model] = SimpleNamespace(root=root, corpus=corpus, cfg=cfg)
     return runs
 
