@@ -244,6 +244,13 @@ def test_bf16_mixed_precision_trains(tmp_path, make_corpus, fused):
     assert lb.item() == pytest.approx(lf.item(), rel=2e-2)
 
 
+def test_divergence_fails_clearly(tmp_path, make_corpus):
+    corpus = make_corpus(planted_corpus(3000))
+    with pytest.raises(FloatingPointError, match="lower model.lr"):
+        fit(tmp_path, corpus, model_kw=dict(lr=1e4, init="tutorial"), trainer_kw=dict(max_steps=30, max_epochs=None,
+            limit_val_batches=0, log_every_n_steps=10))  # fmt: skip
+
+
 def test_ddp_switches_to_dense_autograd():
     model = small_model(loss="negative_sampling", unique=False)
     assert model.fused and model.sparse

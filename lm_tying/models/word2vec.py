@@ -373,6 +373,12 @@ class Word2Vec(WordEmbeddingModule):
             return
         now = time.perf_counter()
         world = self.trainer.world_size if self._trainer is not None else 1
+        if not math.isfinite(float(self._win_loss)):
+            raise FloatingPointError(
+                f"Word2Vec diverged (training loss {float(self._win_loss)} at step {self.global_step}): lower "
+                f"model.lr (now {self.hparams.lr}) or data.batch_size -- with reduction='sum' a frequent word "
+                "gets the summed step of all its occurrences in a batch"
+            )
         self.log("train/loss", self._win_loss / self._win_steps, on_step=True, on_epoch=False, prog_bar=True)
         self.log("lr", lr, on_step=True, on_epoch=False)
         self.log("train/pairs_per_sec", world * self._win_pairs / max(now - self._win_start, 1e-9), on_step=True, on_epoch=False)
