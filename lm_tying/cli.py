@@ -275,6 +275,10 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _is_state_dict_mismatch(error: BaseException) -> bool:
+    return str(error).startswith("Error(s) in loading state_dict")
+
+
 def _quiet_known_warnings() -> None:
     """Silence warnings that say nothing to a user of this CLI (Lightning internals, a check that does not apply)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -297,11 +301,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         signum = GracefulInterrupt.received or 15
         print(f"{PROG}: stopped by signal {signum}; resume with the same command and --ckpt_path last", file=sys.stderr)
         sys.exit(128 + int(signum))
-    except _USER_ERRORS as e:
-        if os.environ.get(DEBUG_ENV):
+    except (*_USER_ERRORS, RuntimeError) as e:
+        # RuntimeError only for a checkpoint whose weights do not fit the model (e.g. written by another version).
+        if os.environ.get(DEBUG_ENV) or (isinstance(e, RuntimeError) and not _is_state_dict_mismatch(e)):
             raise
         where = f" {command}" if command in EXTRA_COMMANDS or command in ("fit", "validate", "test", "predict") else ""
-        print(f"{PROG}{where}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if _is_state_dict_mismatch(e):
+            message = f"the checkpoint's weights do not fit this model (written by another version of it?): {message}"
+        print(f"{PROG}{where}: error: {message}", file=sys.stderr)
         print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
 
