@@ -289,8 +289,9 @@ class RandomStateCheckpoint(Callback):
 
     - The states are taken when the checkpoint is written (after the optimizer step of the saved batch) and applied
       just before the first training batch after the restore, i.e. at the same point of the sequence.
-    - Under DDP each rank's states are gathered into the checkpoint (ranks draw different negatives/dropout masks)
-      and each rank gets its own back (if the world size matches; otherwise rank 0's with a warning).
+    - Under DDP ranks other than 0 are reseeded by rank at setup (``seed_everything`` gives all ranks the same
+      generators: identical dropout masks and negatives everywhere), each rank's states are gathered into the
+      checkpoint and each rank gets its own back (if the world size matches; otherwise rank 0's, with a warning).
     - Validation runs inside fit with the generators saved before and restored after, so evaluating (which may
       sample, e.g. NCE negatives) never changes what training draws: a checkpoint saved right before a validation
       resumes exactly, and the validation frequency does not change the training trajectory.
@@ -304,6 +305,13 @@ class RandomStateCheckpoint(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer, self._module = trainer, pl_module
+        if stage == "fit" and trainer.world_size > 1 and trainer.global_rank > 0:
+            # seed_everything gives every rank the same global generators, so without this all ranks would draw
+            # the same dropout masks and the same word2vec negatives at every step. Rank 0 keeps its sequence.
+            seed = (torch.initial_seed() + 1_000_003 * trainer.global_rank) % 2**32
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
 
     def _collect(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -108,7 +108,8 @@ def test_weights_identical_across_ranks_and_steps_as_expected(ddp_runs, model):
     assert last["global_step"] == steps
     assert_same_state(last["state_dict"], ranks[0]["params"])
     # Per-rank random states travel in the checkpoint (ranks draw differently, e.g. dropout masks).
-    assert len(last["callbacks"]["RandomStateCheckpoint"]["ranks"]) == WORLD
+    rng = last["callbacks"]["RandomStateCheckpoint"]["ranks"]
+    assert len(rng) == WORLD and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # reseeded by rank
     # Rank 0 alone writes logs and the projector: one TensorBoard run, one entry per snapshot.
     logs = run.root / "a" / "logs" / "run"
     assert [p.name for p in logs.iterdir()] == ["version_0"]
