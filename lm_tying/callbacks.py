@@ -486,8 +486,8 @@ class DataHyperparameters(Callback):
 
     Lightning would merge both into one namespace and stop with "Error while merging hparams" when a key differs,
     and ``vocab_size`` differs by design whenever ``min_count`` or a small corpus trims the vocabulary: the data's is
-    the cap asked for, the model's the size actually built (linked from ``data.num_words``). The CLI turns the data
-    module's own logging off and installs this callback instead.
+    the cap asked for, the model's the size actually built (linked from ``data.num_words``). So the data module
+    saves its hyperparameters with ``logger=False`` and the CLI installs this callback instead.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

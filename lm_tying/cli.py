@@ -198,8 +198,7 @@ class LmTyingCLI(LightningCLI):
 
         callbacks = list(trainer_cfg.get("callbacks") or [])
         callbacks += [RunMetadata(self.run_name), RandomStateCheckpoint(), GracefulInterrupt()]
-        if self.datamodule is not None and getattr(self.datamodule, "_log_hyperparams", False):
-            self.datamodule._log_hyperparams = False  # see DataHyperparameters
+        if self.datamodule is not None:
             callbacks.append(DataHyperparameters())
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             user_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)

@@ -205,3 +205,22 @@ def test_lightning_resume_mid_epoch_continues_with_the_same_batches(tmp_path, ma
     second = _Recorder()
     _trainer(tmp_path / "b", total).fit(second, datamodule=data(), ckpt_path=ckpt)
     assert first.seen + second.seen == straight.seen
+
+
+def test_plain_trainer_logs_model_and_data_whose_vocab_sizes_differ(tmp_path, make_corpus):
+    """min_count trims the vocabulary below the data's vocab_size cap: logging both must not clash."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Model(_Recorder):
+        def __init__(self, vocab_size: int):
+            super().__init__()
+            self.save_hyperparameters()
+
+    data = Text8DataModule(
+        path=str(make_corpus(num_words=2000)), data_dir=str(tmp_path / "d"), vocab_size=10_000, min_count=3, num_workers=0
+    )
+    model = Model(vocab_size=data.num_words)
+    assert data.num_words < 10_000
+    trainer = L.Trainer(max_steps=2, logger=CSVLogger(tmp_path), enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2

@@ -54,9 +54,10 @@ class Text8DataModule(L.LightningDataModule):
                 instead of downloading text8.
             data_dir: Where the download and the caches (vocabulary, encoded corpus) live.
             url: Where to download ``text8.zip`` from when no ``path`` is given.
-            vocab_size: Number of words kept, including ``UNK`` (id 0) for all others. ``None`` keeps
-                every word with at least ``min_count`` occurrences.
-            min_count: Keep only words seen at least this often (combined with ``vocab_size`` if both).
+            vocab_size: Number of words kept, including ``UNK`` (id 0) for all others; an error if the
+                corpus has fewer distinct words. With ``min_count`` it is only a cap (gensim's
+                ``max_final_vocab``); ``None`` keeps every word with at least ``min_count`` occurrences.
+            min_count: Keep only words seen at least this often.
             split: Fractions of the corpus for train, validation and test, cut contiguously in that order.
             mode: ``skipgram`` serves (center, context) pairs; ``lm`` serves (inputs, targets) windows.
             batch_size: Skip-gram pairs per batch, or the number of parallel streams for the LM.
@@ -71,7 +72,10 @@ class Text8DataModule(L.LightningDataModule):
             seed: Seed of the skip-gram pair shuffling, windows and subsampling.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # Not merged into the logger's hparams: the model's vocab_size is the size actually built, which
+        # differs from this cap whenever min_count or a small corpus trims the vocabulary, and Lightning
+        # refuses to log two values for one key. The CLI logs these as data/* instead.
+        self.save_hyperparameters(logger=False)
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6:
             raise ValueError(f"split={tuple(split)}: give three non-negative fractions summing to 1")
         if split[0] == 0:

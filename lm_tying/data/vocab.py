@@ -110,7 +110,7 @@ def encode_corpus(
     if min_count is not None:
         keep = int(np.count_nonzero(counts >= min_count))
     if vocab_size is not None:
-        if vocab_size - 1 > len(first_seen):
+        if min_count is None and vocab_size - 1 > len(first_seen):  # with min_count it is only a cap
             raise CorpusError(
                 f"vocab_size={vocab_size:,} is larger than the corpus allows: it has only "
                 f"{len(first_seen):,} distinct words (plus UNK). Set vocab_size to at most "
