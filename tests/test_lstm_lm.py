@@ -298,6 +298,9 @@ def test_learns_deterministic_pattern_to_perplexity_near_one(make_corpus, tmp_pa
     # Samples follow the pattern once learned (a whole cycle as prompt: the model was trained on
     # carried states, and a zero state is rare in training).
     assert model.generate(CYCLE, num_words=10, temperature=0) == f"{CYCLE} {CYCLE} alpha bravo"
+    # predict scores the test split token by token: the same total as test/loss
+    log_probs = torch.cat([b.flatten() for b in run.predict(model, lm_data(corpus, tmp_path, batch_size=8, bptt=10))])
+    assert (log_probs <= 0).all() and -log_probs.mean().item() == pytest.approx(result["test/loss"], rel=1e-4)
 
 
 def test_bf16_mixed_trains_with_finite_loss(make_corpus, tmp_path):

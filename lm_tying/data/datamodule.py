@@ -241,6 +241,10 @@ class Text8DataModule(L.LightningDataModule):
     def test_dataloader(self) -> ResumableLoader:
         return self._loader("test")
 
+    def predict_dataloader(self) -> ResumableLoader:
+        """``predict`` scores the test split: token log-probabilities (LM) or pair probabilities (word2vec)."""
+        return self._loader("test")
+
 
 def _uncompressed_size(source: Path) -> int:
     if zipfile.is_zipfile(source):

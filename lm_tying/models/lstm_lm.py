@@ -262,6 +262,9 @@ class LSTMLanguageModel(WordEmbeddingModule):
     def on_test_epoch_start(self) -> None:
         self._eval_hidden = None
 
+    def on_predict_epoch_start(self) -> None:
+        self._eval_hidden = None
+
     # ------------------------------------------------------------------ steps
 
     def _loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -320,6 +323,13 @@ class LSTMLanguageModel(WordEmbeddingModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_nll)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Log-probability of every target token, ``[B, T]`` (``lm-tying predict`` scores the test split)."""
+        inputs, targets = batch
+        logits, hidden = self(inputs, self._initial_state(self._eval_hidden, inputs))
+        self._eval_hidden = self._detach(hidden)
+        return -self._loss(logits, targets, reduction="none").view_as(targets)
 
     def _log_perplexity(self, stage: str, metric: TokenNLL) -> Tensor:
         """loss = total NLL / total tokens over every token of the split (all ranks); ppl = exp(loss)."""
