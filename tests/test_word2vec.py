@@ -140,10 +140,11 @@ def separation(model: Word2Vec) -> tuple[float, float, float]:
     "model_kw",
     [
         {},  # fused SGD, grouped negative sampling
+        dict(hogwild=2),  # the same, slices applied by two threads
         dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, optimizer="sparse_adam", lr=0.01,
              reduction="mean", init="tutorial"),  # fmt: skip
     ],
-    ids=["fused-sgd-ns", "sparse-adam-nce"],
+    ids=["fused-sgd-ns", "hogwild-ns", "sparse-adam-nce"],
 )
 def test_training_separates_planted_vocabularies(tmp_path, make_corpus, model_kw):
     corpus = make_corpus(planted_corpus())
@@ -242,6 +243,22 @@ def test_bf16_mixed_precision_trains(tmp_path, make_corpus, fused):
     lf = ref.fused_sgd_step(center % ref.hparams.vocab_size, context % ref.hparams.vocab_size, 0.05,
                             torch.Generator().manual_seed(0))  # fmt: skip
     assert lb.item() == pytest.approx(lf.item(), rel=2e-2)
+
+
+def test_hogwild_checkpoint_and_logging(tmp_path, make_corpus):
+    """Pending hogwild updates are finished before a checkpoint is written; every step gets logged."""
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, _ = fit(tmp_path, corpus, model_kw=dict(hogwild=2),
+                            trainer_kw=dict(max_steps=7, max_epochs=None, limit_val_batches=1, val_check_interval=3,
+                                            log_every_n_steps=1))  # fmt: skip
+    assert model._pending is None and model._pool is None
+    assert trainer.global_step == 7 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    path = tmp_path / "h.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = Word2Vec.load_from_checkpoint(path)
+    torch.testing.assert_close(loaded.embedding, model.embedding)
+    with pytest.raises(ValueError, match="hogwild"):
+        Word2Vec(10, num_sampled=4, hogwild=2, optimizer="adagrad")
 
 
 def test_divergence_fails_clearly(tmp_path, make_corpus):

@@ -83,6 +83,7 @@ class Word2Vec(WordEmbeddingModule):
         fused: bool | None = None,
         compile: bool = False,
         num_threads: int | None = None,
+        hogwild: int = 1,
         average_loss_every: int = 5000,
         probe_words: list[str] | None = None,
         probe_topn: int = 8,
@@ -126,6 +127,12 @@ class Word2Vec(WordEmbeddingModule):
                 Default: on when the optimizer is ``sgd``.
             compile: ``torch.compile`` the per-batch math (helps on GPU; on CPU it needs a C++ compiler).
             num_threads: ``torch.set_num_threads`` at fit start (None leaves torch's default).
+            hogwild: Fused path: split each batch into this many slices and apply their updates from as
+                many threads at once, without locks, as word2vec C and gensim do (each thread runs
+                single-threaded ops, so ``num_threads`` is ignored). Uses several cores without OpenMP's
+                per-op barriers, which is what makes small-op workloads scale; rows hit by two slices at
+                the same time may lose one update, and runs are no longer bit-reproducible. While the
+                threads apply a batch, the main thread returns to Lightning and makes the next batch.
             average_loss_every: Log ``train/avg_loss``, the mean loss over the last this many steps, and
                 print it (the tutorial's "Average loss at step 5000"); 0 disables.
             probe_words: Words whose nearest neighbours are written to TensorBoard at each validation
@@ -163,6 +170,8 @@ class Word2Vec(WordEmbeddingModule):
             fused = optimizer == "sgd"
         if fused and optimizer != "sgd":
             raise ValueError(f"fused=true implements plain SGD; optimizer={optimizer!r} needs fused=false")
+        if hogwild < 1 or (hogwild > 1 and not fused):
+            raise ValueError(f"hogwild={hogwild}: needs a value >= 1, and fused=true when above 1")
         self.fused = fused
         self.sparse = sparse
         self.automatic_optimization = False  # both paths step by hand (see the module docstring)
@@ -184,6 +193,8 @@ class Word2Vec(WordEmbeddingModule):
         self.probe_words = list(DEFAULT_PROBE_WORDS if probe_words is None else probe_words)
         self._fused_math = torch.compile(_fused_grads, dynamic=True) if compile else _fused_grads
         self._val_generator: torch.Generator | None = None
+        self._pool: Any = None
+        self._pending: tuple[list[Any], list[int], float] | None = None
         self._reset_windows()
 
     # ------------------------------------------------------------------------------ parameters
@@ -250,7 +261,12 @@ class Word2Vec(WordEmbeddingModule):
 
     def on_fit_start(self) -> None:
         self._saved_threads = torch.get_num_threads()
-        if self.hparams.num_threads:
+        if self.hparams.hogwild > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(1)  # one core per hogwild thread
+            self._pool = ThreadPoolExecutor(self.hparams.hogwild, thread_name_prefix="word2vec-hogwild")
+        elif self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
         # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
         # floats, whose arithmetic is ~100x slower on x86 CPUs; flushing them to zero changes nothing else.
@@ -259,6 +275,9 @@ class Word2Vec(WordEmbeddingModule):
 
     def on_fit_end(self) -> None:  # leave the process as we found it
         torch.set_num_threads(self._saved_threads)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         torch.set_flush_denormal(False)
 
     def _reset_windows(self) -> None:
@@ -296,11 +315,19 @@ class Word2Vec(WordEmbeddingModule):
         )  # fmt: skip
 
     @torch.no_grad()
-    def fused_sgd_step(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
+    def fused_sgd_step(
+        self,
+        center: Tensor,
+        context: Tensor,
+        lr: float,
+        generator: torch.Generator | None = None,
+        batch_pairs: int | None = None,
+    ) -> Tensor:
         """One SGD step on the batch loss with hand-written gradients; returns the mean loss (detached).
 
         Identical to ``compute_loss(reduction=...)`` + backward + ``torch.optim.SGD(lr).step()``; the
         matmuls follow autocast (bf16-mixed runs them in bf16, tables and updates stay float32).
+        ``batch_pairs``: size of the whole batch when this is one hogwild slice of it (for ``mean``).
         """
         h = self.hparams
         sv = self._sample(context, generator)
@@ -319,7 +346,7 @@ class Word2Vec(WordEmbeddingModule):
         else:
             neg_weight = h.negative_weight
         hits = accidental_hits(context, sv.sampled) if h.remove_accidental_hits else None
-        scale = torch.tensor(lr / center.numel() if h.reduction == "mean" else lr, device=center.device)
+        scale = torch.tensor(lr / (batch_pairs or center.numel()) if h.reduction == "mean" else lr, device=center.device)
         d_in, d_true, d_neg, db_true, db_neg, loss_sum = self._fused_math(
             inputs, w_true, w_neg, b_true, b_neg, hits, neg_weight, scale
         )
@@ -337,7 +364,19 @@ class Word2Vec(WordEmbeddingModule):
         center, context = batch
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]
-        if self.fused:
+        if self.fused and self._pool is not None:
+            # the previous batch's slices must be applied before this one reads the tables
+            previous = self._finish_hogwild(log=True)
+            slices = list(zip(center.chunk(self.hparams.hogwild), context.chunk(self.hparams.hogwild)))
+            jobs = [self._pool.submit(self.fused_sgd_step, c, x, lr, None, center.numel()) for c, x in slices]
+            self._pending = (jobs, [c.numel() for c, _ in slices], lr)
+            opt.step()
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
+            # return while the threads work: Lightning fetches (makes) the next batch meanwhile
+            return previous
+        elif self.fused:
             loss = self.fused_sgd_step(center, context, lr)
             opt.step()  # a no-op update: advances the step count that max_steps and schedulers use
         else:
@@ -351,6 +390,36 @@ class Word2Vec(WordEmbeddingModule):
             sched.step()
         self._log_train(loss, center.numel(), lr)
         return loss
+
+    def _finish_hogwild(self, log: bool = False) -> Tensor | None:
+        """Wait for the pending hogwild step and return its mean loss (None if none pending).
+
+        Called before the next step (``log=True``: its loss goes to the logging window), and before
+        anything reads the tables: validation, checkpoints, the end of an epoch or of training (hooks
+        where Lightning forbids step logging).
+        """
+        if self._pending is None:
+            return None
+        jobs, sizes, lr = self._pending
+        self._pending = None
+        loss = sum(job.result() * n for job, n in zip(jobs, sizes)) / sum(sizes)
+        if log:
+            self._log_train(loss, sum(sizes), lr)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._finish_hogwild()
+
+    def on_validation_start(self) -> None:
+        self._finish_hogwild()
+
+    def on_train_end(self) -> None:
+        self._finish_hogwild()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the state dict holds references to the tables: finish writing them before they are saved
+        self._finish_hogwild()
+        super().on_save_checkpoint(checkpoint)
 
     def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
         """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
