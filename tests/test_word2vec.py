@@ -67,6 +67,32 @@ def test_fused_step_equals_autograd_sgd(kw):
     assert bias_moved == fused.hparams.output_bias
 
 
+def test_update_pairs_are_successive_sgd_steps(tmp_path):
+    """A batch with update_pairs=u is the same as fused steps on its consecutive slices of u pairs."""
+    model = small_model(loss="negative_sampling", unique=False, share_negatives=4, update_pairs=10, reduction="sum")
+    ref = copy.deepcopy(model)
+    center, context = batch(n=37)
+    torch.manual_seed(0)
+    trainer = SimpleNamespace(world_size=1, log_every_n_steps=1000, datamodule=None)
+    model._trainer = trainer
+    opt = LearningRateHolderFor(model, lr=0.3)
+    model.optimizers = lambda: opt  # type: ignore[method-assign]
+    model.lr_schedulers = lambda: None  # type: ignore[method-assign]
+    model._log_train = lambda *a: None  # type: ignore[method-assign]
+    model.training_step((center, context), 0)
+    torch.manual_seed(0)
+    for c, x in zip(center.split(10), context.split(10)):
+        ref.fused_sgd_step(c, x, 0.3)
+    torch.testing.assert_close(model.embedding, ref.embedding)
+    torch.testing.assert_close(model.output_weight, ref.output_weight)
+
+
+def LearningRateHolderFor(model: Word2Vec, lr: float):
+    from lm_tying.models.word2vec import LearningRateHolder
+
+    return LearningRateHolder([model.embedding, model.output_weight], lr=lr)
+
+
 def test_autograd_gradients_are_sparse_and_local():
     model = small_model(loss="negative_sampling", unique=False, num_sampled=4, fused=False)
     center, context = torch.tensor([1, 2, 2, 5]), torch.tensor([3, 3, 9, 1])
@@ -259,6 +285,8 @@ def test_hogwild_checkpoint_and_logging(tmp_path, make_corpus):
     torch.testing.assert_close(loaded.embedding, model.embedding)
     with pytest.raises(ValueError, match="hogwild"):
         Word2Vec(10, num_sampled=4, hogwild=2, optimizer="adagrad")
+    with pytest.raises(ValueError, match="update_pairs"):
+        Word2Vec(10, num_sampled=4, update_pairs=8, optimizer="adagrad")
 
 
 def test_divergence_fails_clearly(tmp_path, make_corpus):
