@@ -62,7 +62,10 @@ def test_run_name_override_and_print_config(trained, tmp_path):
     assert (tmp_path / "logs/mine/version_0").is_dir()
 
 
-@pytest.mark.parametrize("command, model, metric", [("validate", "word2vec", "val/loss"), ("test", "lm", "test/loss")])
+@pytest.mark.parametrize(
+    "command, model, metric",
+    [("validate", "word2vec", "val/loss"), ("test", "word2vec", "test/loss"), ("test", "lm", "test/loss")],
+)
 def test_validate_and_test_from_best(trained, command, model, metric):
     root, _, _ = trained
     out = run_cli([command, "--config", f"{model}.yaml", "--ckpt_path", "best"], cwd=root)

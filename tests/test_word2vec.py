@@ -201,6 +201,22 @@ def test_checkpoint_round_trip_keeps_sampler_and_vocab(tmp_path, make_corpus):
     assert loaded.most_similar(dm.vocab.words[1], topn=3) == model.most_similar(dm.vocab.words[1], topn=3)
 
 
+def test_test_and_predict_score_held_out_pairs(tmp_path, make_corpus):
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, dm = fit(tmp_path, corpus, trainer_kw=dict(max_epochs=2))
+    [result] = trainer.test(model, dm, verbose=False)
+    assert result["test/loss"] > 0
+    probs = torch.cat(trainer.predict(model, dm))
+    assert probs.numel() == dm.predict_dataloader().dataset.pairs_per_epoch and ((probs > 0) & (probs < 1)).all()
+    # true test pairs score higher than the same centers with contexts from the other planted half
+    center, context = next(iter(dm.test_dataloader()))
+    half = {i: w[0] for i, w in enumerate(dm.vocab.words)}
+    other = torch.tensor([next(j for j in range(1, len(half)) if half[j] != half[int(c)]) for c in center])
+    true_p = model.predict_step((center, context), 0)
+    false_p = model.predict_step((center, other), 0)
+    assert true_p.mean() > false_p.mean() + 0.2
+
+
 def test_validation_logs_metrics_and_neighbours(tmp_path, make_corpus, monkeypatch):
     from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -471,20 +471,44 @@ class Word2Vec(WordEmbeddingModule):
         self._val_generator = torch.Generator(device=self.device).manual_seed(1234)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        center, context = batch
-        loss = self.compute_loss(center, context, self._val_generator)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=center.numel(), sync_dist=True)
+        self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         if self._trainer is not None and self.trainer.sanity_checking:
             return
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
+        center, context = batch
+        loss = self.compute_loss(center, context, self._val_generator)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=center.numel(), sync_dist=True)
+
+    def _eval_epoch_end(self, stage: str) -> None:
         if self.vocab is None:
             return
         wv = self.word_vectors()
         self._log_neighbours(wv)
         if self.hparams.evaluate:
             for name, value in self.evaluate(wv).items():
-                self.log(f"val/{name}", value, on_step=False, on_epoch=True)
+                self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True)
+
+    @torch.no_grad()
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Probability the model gives each ``(center, context)`` pair of being a true pair: sigmoid(score)."""
+        center, context = batch
+        score = (self.embedding[center] * self.output_weight[context]).sum(-1)
+        if self.hparams.output_bias:
+            score = score + self.output_bias[context]
+        return torch.sigmoid(score.float())
 
     def _log_neighbours(self, wv: WordVectors) -> None:
         words = [w for w in self.probe_words if w in wv]
