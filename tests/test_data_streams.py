@@ -224,3 +224,16 @@ def test_plain_trainer_logs_model_and_data_whose_vocab_sizes_differ(tmp_path, ma
     trainer = L.Trainer(max_steps=2, logger=CSVLogger(tmp_path), enable_progress_bar=False, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 2
+
+
+def test_drop_unk_removes_out_of_vocabulary_tokens_before_windowing(tmp_path, make_corpus):
+    corpus = make_corpus("a b zz a b yy a b a b xx a b")  # vocab: UNK, a, b
+    kept = Text8DataModule(path=str(corpus), data_dir=str(tmp_path), vocab_size=3, split=(1, 0, 0), batch_size=1000,
+                           window=1, dynamic_window=False, num_workers=0)  # fmt: skip
+    with_unk = next(iter(kept.train_dataloader()))
+    assert (with_unk[0] == 0).any()
+    kept.drop_unk = True
+    centers, contexts = next(iter(kept.train_dataloader()))
+    assert not (centers == 0).any() and not (contexts == 0).any()
+    # the windows close over the removed words: "a b a b a b a b a b" gives 2 * 9 neighbour pairs
+    assert len(centers) == 18 and set(zip(centers.tolist(), contexts.tolist())) == {(1, 2), (2, 1)}

@@ -43,6 +43,7 @@ class Text8DataModule(L.LightningDataModule):
         window: int = 5,
         dynamic_window: bool = True,
         subsample: float | None = None,
+        drop_unk: bool = False,
         bptt: int = 35,
         eval_batch_size: int = 10,
         num_workers: int = 1,
@@ -66,6 +67,8 @@ class Text8DataModule(L.LightningDataModule):
                 ``False`` uses exactly ``window`` (the TensorFlow tutorial's ``skip_window``).
             subsample: Threshold ``t`` of frequent-word subsampling (e.g. 1e-3 as gensim, 1e-5 in the
                 paper); ``None`` keeps every word. Applies to training pairs only.
+            drop_unk: Skip-gram: remove out-of-vocabulary tokens before windowing, as word2vec C and
+                gensim do (windows then span over them), instead of training on pairs with ``UNK``.
             bptt: LM: tokens per window (truncated backpropagation through time).
             eval_batch_size: LM: number of parallel streams for validation and test.
             num_workers: Background processes preparing batches (0: in the training process).
@@ -91,6 +94,7 @@ class Text8DataModule(L.LightningDataModule):
         self.window = window
         self.dynamic_window = dynamic_window
         self.subsample = subsample
+        self.drop_unk = drop_unk
         self.bptt = bptt
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -209,6 +213,9 @@ class Text8DataModule(L.LightningDataModule):
             return LanguageModelStream(tokens, batch_size, self.bptt, rank, world_size)
         training = stage == "train"
         keep = keep_probabilities(self.vocab.counts, self.subsample) if self.subsample and training else None
+        if self.drop_unk:
+            keep = np.ones(len(self.vocab)) if keep is None else keep
+            keep[self.vocab.unk_id] = 0.0  # a probability of 0: never kept
         return SkipGramStream(
             tokens,
             self.batch_size,
