@@ -239,7 +239,6 @@ def _export_main(argv: list[str]) -> int:
 
 def _generate_main(argv: list[str]) -> int:
     import argparse
-    import inspect
 
     from lm_tying.export import load_model
 
@@ -256,9 +255,7 @@ def _generate_main(argv: list[str]) -> int:
     model = load_model(args.ckpt_path)
     if not callable(getattr(model, "generate", None)):
         raise UsageError(f"{args.ckpt_path!r} holds a {type(model).__name__}, which cannot generate text")
-    wanted = {k: v for k, v in vars(args).items() if k not in ("ckpt_path", "prompt")}
-    accepted = inspect.signature(model.generate).parameters
-    print(model.generate(args.prompt, **{k: v for k, v in wanted.items() if k in accepted}))
+    print(model.generate(args.prompt, args.num_words, args.temperature, args.top_k, args.seed))
     return 0
 
 
