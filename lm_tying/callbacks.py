@@ -26,6 +26,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lm_tying.atomic import atomic_path
+
 PROJECTOR_CONFIG = "projector_config.pbtxt"
 
 
@@ -41,9 +43,8 @@ def most_frequent_ids(counts: np.ndarray, n: int, include_unk: bool = False) -> 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     """TensorBoard may read while we write: it must only ever see a complete file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_projector_files(

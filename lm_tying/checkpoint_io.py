@@ -25,13 +25,9 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lm_tying.atomic import TMP_MARKER, atomic_path
+
 log = logging.getLogger(__name__)
-
-TMP_MARKER = ".tmp-"
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -58,20 +54,10 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
             stale.unlink()
         except OSError:
             pass
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: do not leave the half-written temporary file around.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     _fsync_dir(path.parent)
 
 

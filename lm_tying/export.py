@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from lm_tying.atomic import atomic_path
 from lm_tying.models.base import WordEmbeddingModule
 
 
@@ -158,11 +159,6 @@ def _write_word2vec(words: list[str], vectors: np.ndarray, out: Path, binary: bo
     from lm_tying.vectors import WordVectors
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         WordVectors(words, vectors).save_word2vec_format(tmp, binary=binary)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return [out]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
+from lm_tying.atomic import atomic_path
 from lm_tying.data.corpus import TEXT8_URL, TEXT8_ZIP_SIZE, CorpusError, download, iter_text8_chunks
 from lm_tying.data.streams import LanguageModelStream, ResumableLoader, SkipGramStream, keep_probabilities
 from lm_tying.data.vocab import Vocabulary, encode_corpus
@@ -168,9 +168,8 @@ class Text8DataModule(L.LightningDataModule):
             size_hint=size,
         )
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f"tokens.{os.getpid()}.tmp.npy"
-        np.save(tmp, tokens)
-        os.replace(tmp, cache / "tokens.npy")  # vocabulary last: its presence marks a complete cache
+        with atomic_path(cache / "tokens.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, tokens)  # vocabulary last: its presence marks a complete cache
         vocab.save(cache / "vocab.tsv")
         unk = vocab.counts[0] / max(len(tokens), 1)
         rank_zero_info(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
+from lm_tying.atomic import atomic_path
 from lm_tying.data.corpus import CorpusError
 
 UNK = "UNK"
@@ -62,11 +62,8 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``word<TAB>count`` lines, atomically."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{w}\t{c}\n" for w, c in zip(self.words, self.counts.tolist()))
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
