@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_tying.atomic import atomic_path
+from lm_tying.export import write_projector_tsv
 
 PROJECTOR_CONFIG = "projector_config.pbtxt"
 
@@ -39,12 +40,6 @@ def most_frequent_ids(counts: np.ndarray, n: int, include_unk: bool = False) -> 
     if not include_unk:
         order = order[order != 0]  # UNK (id 0) stands for every rare word: its vector is not a word's
     return order[:n]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """TensorBoard may read while we write: it must only ever see a complete file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def write_projector_files(
@@ -62,19 +57,9 @@ def write_projector_files(
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    if vectors.ndim != 2 or len(vectors) != len(words):
-        raise ValueError(f"{vectors.shape} vectors for {len(words)} words")
-    for w in words:
-        if "\t" in w or "\n" in w:
-            raise ValueError(f"word {w!r} cannot be a projector label (tab or newline)")
     log_dir = Path(log_dir)
     target = log_dir / subdir
-    target.mkdir(parents=True, exist_ok=True)
-    tensor_tmp = target / f".tensors.tsv.tmp-{os.getpid()}"
-    np.savetxt(tensor_tmp, np.asarray(vectors, dtype=np.float32), fmt="%.6g", delimiter="\t")
-    os.replace(tensor_tmp, target / "tensors.tsv")
-    # One column and no header: the plugin treats a first line without a tab as data.
-    _atomic_write_text(target / "metadata.tsv", "".join(f"{w}\n" for w in words))
+    write_projector_tsv(words, vectors, target, vectors_name="tensors.tsv")
 
     config = ProjectorConfig()
     config_path = log_dir / PROJECTOR_CONFIG
@@ -88,7 +73,8 @@ def write_projector_files(
     entry.tensor_path = f"{subdir}/tensors.tsv"
     entry.metadata_path = f"{subdir}/metadata.tsv"
     entry.tensor_shape.extend(list(vectors.shape))
-    _atomic_write_text(config_path, text_format.MessageToString(config))
+    with atomic_path(config_path) as tmp:  # TensorBoard may read it while we write: only whole files
+        tmp.write_text(text_format.MessageToString(config), encoding="utf-8")
     return target
 
 

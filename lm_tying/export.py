@@ -114,17 +114,23 @@ def output_kind(output: str | os.PathLike) -> str:
     )
 
 
-def write_projector_tsv(words: list[str], vectors: np.ndarray, directory: str | os.PathLike) -> list[Path]:
-    """``vectors.tsv`` + ``metadata.tsv`` in ``directory`` (created if needed)."""
+def write_projector_tsv(
+    words: list[str], vectors: np.ndarray, directory: str | os.PathLike, vectors_name: str = "vectors.tsv"
+) -> list[Path]:
+    """``vectors_name`` (tab-separated floats, a row a word) + ``metadata.tsv`` (one word a line, no header:
+    the projector treats a first line without a tab as data) in ``directory`` (created if needed)."""
+    if vectors.ndim != 2 or len(vectors) != len(words):
+        raise ValueError(f"{vectors.shape} vectors for {len(words)} words")
+    for w in words:
+        if "\t" in w or "\n" in w:
+            raise ValueError(f"word {w!r} cannot be a projector label (tab or newline)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vectors_path, metadata_path = directory / "vectors.tsv", directory / "metadata.tsv"
-    tmp = directory / f".vectors.tsv.tmp-{os.getpid()}"
-    np.savetxt(tmp, np.asarray(vectors, dtype=np.float32), fmt="%.6g", delimiter="\t")
-    os.replace(tmp, vectors_path)
-    tmp = directory / f".metadata.tsv.tmp-{os.getpid()}"
-    tmp.write_text("".join(f"{w}\n" for w in words), encoding="utf-8")
-    os.replace(tmp, metadata_path)
+    vectors_path, metadata_path = directory / vectors_name, directory / "metadata.tsv"
+    with atomic_path(vectors_path) as tmp:
+        np.savetxt(tmp, np.asarray(vectors, dtype=np.float32), fmt="%.6g", delimiter="\t")
+    with atomic_path(metadata_path) as tmp:
+        tmp.write_text("".join(f"{w}\n" for w in words), encoding="utf-8")
     return [vectors_path, metadata_path]
 
 
