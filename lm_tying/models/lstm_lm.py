@@ -584,35 +584,11 @@ def load_word_vectors(path: str | os.PathLike) -> tuple[list[str], Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"embedding_init: no such file {str(path)!r}")
     if path.suffix in {".ckpt", ".pt", ".pth"}:
-        return _vectors_from_checkpoint(path)
-    from lm_tying.vectors import WordVectors
+        from lm_tying.export import load_model  # the project's one loader of its checkpoints (either model)
 
-    wv = WordVectors.load_word2vec_format(path, binary=path.suffix == ".bin")
-    return list(wv.index_to_key), torch.as_tensor(wv.vectors, dtype=torch.float32)
-
-
-def _vectors_from_checkpoint(path: Path) -> tuple[list[str], Tensor]:
-    # A checkpoint of this project is trusted like any Lightning checkpoint (it pickles hyperparameters).
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    kind = checkpoint.get("lm_tying_model") if isinstance(checkpoint, dict) else None
-    if kind is None or "vocabulary" not in checkpoint:
-        raise ValueError(
-            f"{str(path)!r} is not a checkpoint of this project (no 'lm_tying_model' and 'vocabulary' entries)"
-        )
-    del checkpoint
-    if kind == "LSTMLanguageModel":
-        model_cls: type[WordEmbeddingModule] = LSTMLanguageModel
-    elif kind == "Word2Vec":
-        from lm_tying.models.word2vec import Word2Vec
-
-        model_cls = Word2Vec
+        wv = load_model(path).word_vectors()
     else:
-        raise ValueError(f"{str(path)!r} holds a {kind!r} model; embedding_init takes Word2Vec or LSTMLanguageModel")
-    # Lightning's loader: it knows the CLI's hyperparameter entries (_class_path, _instantiator), and the
-    # model's on_load_checkpoint restores the vocabulary.
-    model = model_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    words = list(model.vocab.words)
-    vectors = model.input_embeddings().detach().float().cpu()
-    if len(words) != vectors.shape[0]:
-        raise ValueError(f"{str(path)!r}: {len(words)} vocabulary words but {vectors.shape[0]} embedding rows")
-    return words, vectors
+        from lm_tying.vectors import WordVectors
+
+        wv = WordVectors.load_word2vec_format(path, binary=path.suffix == ".bin")
+    return list(wv.index_to_key), torch.as_tensor(wv.vectors, dtype=torch.float32)
