@@ -128,16 +128,16 @@ class Word2Vec(WordEmbeddingModule):
                 Default: on when the optimizer is ``sgd``.
             compile: ``torch.compile`` the per-batch math (helps on GPU; on CPU it needs a C++ compiler).
             num_threads: ``torch.set_num_threads`` at fit start (None leaves torch's default).
-            update_pairs: Fused path without hogwild: apply one SGD update per this many pairs of a
-                batch, one after the other (None: one update per batch). Large loader batches with small updates: the per-batch
+            update_pairs: Fused path: apply one SGD update per this many pairs of a batch (of a hogwild
+                slice), one after the other (None: one update per batch). Large loader batches with small updates: the per-batch
                 costs of Lightning and the data pipeline (~0.5 ms) are paid once for several updates,
                 while the updates stay as small (as stable) as a small batch's.
-            hogwild: Fused path: split each batch into this many slices and apply their updates from as
-                many threads at once, without locks, as word2vec C and gensim do (each thread runs
-                single-threaded ops, so ``num_threads`` is ignored). Uses several cores without OpenMP's
-                per-op barriers, which is what makes small-op workloads scale; rows hit by two slices at
-                the same time may lose one update, and runs are no longer bit-reproducible. While the
-                threads apply a batch, the main thread returns to Lightning and makes the next batch.
+            hogwild: Fused path: split each batch into this many slices and apply their updates (each in
+                runs of ``update_pairs``) from as many threads at once, without locks, as word2vec C and
+                gensim do (each thread runs single-threaded ops, so ``num_threads`` is ignored). Uses
+                several cores without OpenMP's per-op barriers, which is what makes these small ops
+                scale (1.8x on 2 cores); rows hit by two slices at the same time may lose one update,
+                so runs are not bit-reproducible.
             average_loss_every: Log ``train/avg_loss``, the mean loss over the last this many steps, and
                 print it (the tutorial's "Average loss at step 5000"); 0 disables.
             probe_words: Words whose nearest neighbours are written to TensorBoard at each validation
@@ -177,8 +177,6 @@ class Word2Vec(WordEmbeddingModule):
             raise ValueError(f"fused=true implements plain SGD; optimizer={optimizer!r} needs fused=false")
         if update_pairs is not None and (update_pairs < 1 or not fused):
             raise ValueError(f"update_pairs={update_pairs}: needs a value >= 1 and fused=true")
-        if hogwild > 1 and update_pairs is not None:
-            raise ValueError("update_pairs and hogwild > 1 do not combine: hogwild slices each batch itself")
         if hogwild < 1 or (hogwild > 1 and not fused):
             raise ValueError(f"hogwild={hogwild}: needs a value >= 1, and fused=true when above 1")
         self.fused = fused
@@ -203,7 +201,6 @@ class Word2Vec(WordEmbeddingModule):
         self._fused_math = torch.compile(_fused_grads, dynamic=True) if compile else _fused_grads
         self._val_generator: torch.Generator | None = None
         self._pool: Any = None
-        self._pending: tuple[list[Any], list[int], float] | None = None
         self._reset_windows()
 
     # ------------------------------------------------------------------------------ parameters
@@ -274,7 +271,9 @@ class Word2Vec(WordEmbeddingModule):
             from concurrent.futures import ThreadPoolExecutor
 
             torch.set_num_threads(1)  # one core per hogwild thread
-            self._pool = ThreadPoolExecutor(self.hparams.hogwild, thread_name_prefix="word2vec-hogwild")
+            self._pool = ThreadPoolExecutor(
+                self.hparams.hogwild - 1, thread_name_prefix="word2vec-hogwild", initializer=_single_threaded_flushing
+            )
         elif self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
         # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
@@ -344,13 +343,12 @@ class Word2Vec(WordEmbeddingModule):
         E, W, b = self.embedding, self.output_weight, self.output_bias
         inputs, w_true = E.index_select(0, center), W.index_select(0, context)
         w_neg = W.index_select(0, neg).view(*sv.sampled.shape, -1)
-        if h.output_bias:
-            b_true, b_neg = b.index_select(0, context), b.index_select(0, neg).view(sv.sampled.shape)
-        else:
-            b_true, b_neg = inputs.new_zeros(context.shape), inputs.new_zeros(sv.sampled.shape)
+        b_true = b.index_select(0, context) if h.output_bias else None
+        b_neg = b.index_select(0, neg).view(sv.sampled.shape) if h.output_bias else None
         if h.loss == "nce":  # the log Q correction
-            b_true = b_true - sv.true_expected_count.log()
-            b_neg = b_neg - sv.sampled_expected_count.log()
+            log_q_true, log_q_neg = sv.true_expected_count.log(), sv.sampled_expected_count.log()
+            b_true = -log_q_true if b_true is None else b_true - log_q_true
+            b_neg = -log_q_neg if b_neg is None else b_neg - log_q_neg
             neg_weight = 1.0
         else:
             neg_weight = h.negative_weight
@@ -373,23 +371,8 @@ class Word2Vec(WordEmbeddingModule):
         center, context = batch
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]
-        if self.fused and self._pool is not None:
-            # the previous batch's slices must be applied before this one reads the tables
-            previous = self._finish_hogwild(log=True)
-            slices = list(zip(center.chunk(self.hparams.hogwild), context.chunk(self.hparams.hogwild)))
-            jobs = [self._pool.submit(self.fused_sgd_step, c, x, lr, None, center.numel()) for c, x in slices]
-            self._pending = (jobs, [c.numel() for c, _ in slices], lr)
-            opt.step()
-            sched = self.lr_schedulers()
-            if sched is not None:
-                sched.step()
-            # return while the threads work: Lightning fetches (makes) the next batch meanwhile
-            return previous
-        elif self.fused:
-            size = self.hparams.update_pairs or center.numel()
-            loss = sum(
-                self.fused_sgd_step(c, x, lr) * c.numel() for c, x in zip(center.split(size), context.split(size))
-            ) / center.numel()
+        if self.fused:
+            loss = self._fused_updates(center, context, lr)
             opt.step()  # a no-op update: advances the step count that max_steps and schedulers use
         else:
             loss = self.compute_loss(center, context, reduction=self.hparams.reduction)
@@ -403,35 +386,28 @@ class Word2Vec(WordEmbeddingModule):
         self._log_train(loss, center.numel(), lr)
         return loss
 
-    def _finish_hogwild(self, log: bool = False) -> Tensor | None:
-        """Wait for the pending hogwild step and return its mean loss (None if none pending).
+    def _fused_updates(self, center: Tensor, context: Tensor, lr: float) -> Tensor:
+        """The batch's fused SGD updates, ``hogwild`` slices at once; returns the mean loss.
 
-        Called before the next step (``log=True``: its loss goes to the logging window), and before
-        anything reads the tables: validation, checkpoints, the end of an epoch or of training (hooks
-        where Lightning forbids step logging).
+        The main thread applies the first slice itself and waits for the others: while the threads
+        work, no Python-heavy code (Lightning's loop, the data pipeline) competes with them for the GIL,
+        which each of them needs between two tensor ops.
         """
-        if self._pending is None:
-            return None
-        jobs, sizes, lr = self._pending
-        self._pending = None
-        loss = sum(job.result() * n for job, n in zip(jobs, sizes)) / sum(sizes)
-        if log:
-            self._log_train(loss, sum(sizes), lr)
-        return loss
+        h = self.hparams
+        whole = None if h.update_pairs else center.numel()  # no update_pairs: the slices make one update
+        slices = list(zip(center.chunk(h.hogwild), context.chunk(h.hogwild)))
+        others = [self._pool.submit(self._apply_slice, c, x, lr, whole) for c, x in slices[1:]]
+        losses = [self._apply_slice(*slices[0], lr, whole)] + [job.result() for job in others]
+        return sum(losses) / center.numel()
 
-    def on_train_epoch_end(self) -> None:
-        self._finish_hogwild()
-
-    def on_validation_start(self) -> None:
-        self._finish_hogwild()
-
-    def on_train_end(self) -> None:
-        self._finish_hogwild()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the state dict holds references to the tables: finish writing them before they are saved
-        self._finish_hogwild()
-        super().on_save_checkpoint(checkpoint)
+    def _apply_slice(self, center: Tensor, context: Tensor, lr: float, batch_pairs: int | None) -> Tensor:
+        """Fused SGD steps on consecutive runs of ``update_pairs`` pairs; returns their summed loss."""
+        size = self.hparams.update_pairs or center.numel()
+        losses = [
+            self.fused_sgd_step(c, x, lr, None, batch_pairs) * c.numel()
+            for c, x in zip(center.split(size), context.split(size))
+        ]
+        return sum(losses)
 
     def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
         """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
@@ -571,8 +547,8 @@ def _fused_grads(
     inputs: Tensor,
     w_true: Tensor,
     w_neg: Tensor,
-    b_true: Tensor,
-    b_neg: Tensor,
+    b_true: Tensor | None,
+    b_neg: Tensor | None,
     hits: Tensor | None,
     neg_weight: float,
     scale: Tensor,
@@ -580,25 +556,36 @@ def _fused_grads(
     """The SGD updates (already multiplied by ``-lr``) of the sampled sigmoid loss, from gathered rows.
 
     ``w_neg``/``b_neg`` are ``[K, D]``/``[K]`` (negatives shared by the batch) or ``[n, K, D]``/``[n, K]``
-    (one draw per group of ``ceil(B / n)`` consecutive pairs). With ``s_true = <x, w_t> + b_t`` and
-    ``s_neg = x W_n^T + b_n`` (the biases carry NCE's log Q correction)::
+    (one draw per group of ``ceil(B / n)`` consecutive pairs); the biases (None: zero) carry NCE's log Q
+    correction. With ``s_true = <x, w_t> + b_t`` and ``s_neg = x W_n^T + b_n``::
 
         loss       = softplus(-s_true) + neg_weight * sum_k softplus(s_neg_k)
         dL/ds_true = sigmoid(s_true) - 1,    dL/ds_neg = neg_weight * sigmoid(s_neg)
         dL/dx = dL/ds_true * w_t + dL/ds_neg @ W_n,   dL/dw_t = dL/ds_true * x,   dL/dW_n = dL/ds_neg^T @ x
 
+    ``inputs`` and ``w_true`` must be the caller's gathered copies: they are overwritten (with ``d_true``
+    and ``dL/ds_true * w_t``), which saves two passes over ``[B, D]`` memory -- on a CPU this step is
+    bound by memory traffic and, with several threads, by the number of ops (Python holds the GIL
+    between them), so it is written with as few ops and temporaries as the math allows.
     Returns ``(d_inputs [B, D], d_w_true [B, D], d_w_neg [n*K, D], d_b_true [B], d_b_neg [n*K], loss_sum)``.
     """
     if w_neg.dim() == 2:  # shared by the batch: one group
-        w_neg, b_neg = w_neg.unsqueeze(0), b_neg.unsqueeze(0)
+        w_neg, b_neg = w_neg.unsqueeze(0), None if b_neg is None else b_neg.unsqueeze(0)
     n, K, D = w_neg.shape
     B = inputs.shape[0]
     G = -(-B // n)
     pad = n * G - B
-    x = (F.pad(inputs, (0, 0, 0, pad)) if pad else inputs).view(n, G, D)
 
-    s_true = (inputs * w_true).sum(1) + b_true
-    s_neg = torch.bmm(x, w_neg.transpose(1, 2)).float() + b_neg.unsqueeze(1)  # [n, G, K]; matmul follows autocast
+    def grouped(rows: Tensor) -> Tensor:  # [B, D] -> [n, G, D], zero rows padding the last group
+        return (F.pad(rows, (0, 0, 0, pad)) if pad else rows).view(n, G, D)
+
+    x = grouped(inputs)
+    s_true = torch.linalg.vecdot(inputs, w_true)
+    s_neg = torch.bmm(x, w_neg.transpose(1, 2)).float()  # [n, G, K]; matmuls follow autocast
+    if b_true is not None:
+        s_true = s_true + b_true
+    if b_neg is not None:
+        s_neg = s_neg + b_neg.unsqueeze(1)
     loss_neg = F.softplus(s_neg)
     g_neg = torch.sigmoid(s_neg)
     if hits is not None or pad:  # accidental hits (as if logit -inf) and padding: no loss, no gradient
@@ -611,12 +598,18 @@ def _fused_grads(
         g_neg = g_neg.masked_fill(drop, 0.0)
     loss_sum = F.softplus(-s_true).sum() + neg_weight * loss_neg.sum()
 
-    g_true = (torch.sigmoid(s_true) - 1.0) * -scale
-    g_neg = g_neg * (-scale * neg_weight)
-    d_in = torch.bmm(g_neg, w_neg).float().view(n * G, D)[:B].addcmul_(g_true.unsqueeze(1), w_true)
-    d_true = g_true.unsqueeze(1) * inputs
-    d_neg = torch.bmm(g_neg.transpose(1, 2), x).float().view(n * K, D)
+    g_true = torch.sigmoid(s_true).sub_(1.0).mul_(-scale)
+    g_neg = g_neg.mul_(-scale * neg_weight)
+    d_neg = torch.bmm(g_neg.transpose(1, 2), x).float().view(n * K, D)  # before x (= inputs) is overwritten
+    d_in = torch.baddbmm(grouped(w_true.mul_(g_true.unsqueeze(1))), g_neg, w_neg).float().view(n * G, D)[:B]
+    d_true = inputs.mul_(g_true.unsqueeze(1))
     return d_in, d_true, d_neg, g_true, g_neg.sum(1).view(n * K), loss_sum.detach()
+
+
+def _single_threaded_flushing() -> None:
+    """Start of a hogwild thread: OpenMP team size and denormal flushing are per-thread settings."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
 
 
 def _gensim_file_or_none(name: str) -> str | None:
