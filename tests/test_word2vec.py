@@ -287,6 +287,20 @@ def test_bf16_mixed_precision_trains(tmp_path, make_corpus, fused):
     assert lb.item() == pytest.approx(lf.item(), rel=2e-2)
 
 
+def test_noise_never_draws_unk_when_the_data_drops_it(tmp_path, make_corpus):
+    """With drop_unk, UNK never occurs in training: the unigram noise gives it probability 0 (as gensim,
+    which has no UNK); without drop_unk it is drawn by its count like any word."""
+    corpus = make_corpus(planted_corpus(3000))
+    data_kw, one_step = dict(vocab_size=20, min_count=None), dict(max_steps=1, max_epochs=None)
+    model, _, dm = fit(tmp_path / "drop", corpus, data_kw={**data_kw, "drop_unk": True}, trainer_kw=one_step)
+    assert dm.vocab.counts[0] > 0 and model.sampler.probs_table[0] == 0
+    assert not (model.sampler.draw(20_000) == 0).any()
+    expected = torch.tensor(dm.word_counts[1:], dtype=torch.float64) ** 0.75
+    torch.testing.assert_close(model.sampler.probs_table[1:], expected / expected.sum())
+    model, _, dm = fit(tmp_path / "keep", corpus, data_kw=data_kw, trainer_kw=one_step)
+    assert model.sampler.probs_table[0] > 0 and (dm.word_counts == np.asarray(dm.vocab.counts)).all()
+
+
 def test_hogwild_checkpoint_and_logging(tmp_path, make_corpus):
     """Hogwild training logs every step, checkpoints the tables it trained and shuts its threads down."""
     corpus = make_corpus(planted_corpus(3000))

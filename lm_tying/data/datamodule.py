@@ -119,6 +119,15 @@ class Text8DataModule(L.LightningDataModule):
         return len(self.vocab)
 
     @property
+    def word_counts(self) -> np.ndarray:
+        """Occurrences of each id among the tokens training sees: the vocabulary's counts, with UNK at 0
+        when ``drop_unk`` removes it (a unigram noise distribution should not draw a word that never occurs)."""
+        counts = np.array(self.vocab.counts, dtype=np.int64)
+        if self.drop_unk and self.mode == "skipgram":
+            counts[self.vocab.unk_id] = 0
+        return counts
+
+    @property
     def tokens(self) -> np.ndarray:
         """The whole encoded corpus (memory-mapped, int32)."""
         if self._tokens is None:
