@@ -75,6 +75,14 @@ def tiny_config(model: str, corpus: Path, **trainer: Any) -> dict[str, Any]:
             "init_args": {"embedding_dim": 16, "num_sampled": 8, "evaluate": False, "average_loss_every": 0},
         }
         data_args = {"mode": "skipgram", "batch_size": 256, "window": 2}
+    elif model == "word2vec_sequential":  # per-pair SGD in the compiled kernel (exact with one thread)
+        model_cfg = {
+            "class_path": "lm_tying.models.word2vec.Word2Vec",
+            "init_args": {"embedding_dim": 16, "num_sampled": 6, "evaluate": False, "average_loss_every": 0,
+                          "loss": "negative_sampling", "unique": False, "share_negatives": 4, "output_bias": False,
+                          "reduction": "sum", "lr": 0.05, "init": "word2vec", "sequential": True},
+        }  # fmt: skip
+        data_args = {"mode": "skipgram", "batch_size": 256, "window": 2}
     elif model == "lm":
         model_cfg = {
             "class_path": "lm_tying.models.lstm_lm.LSTMLanguageModel",

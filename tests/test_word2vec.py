@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from lm_tying import native
 from lm_tying.data import Text8DataModule
 from lm_tying.models.word2vec import Word2Vec
 
@@ -85,6 +87,76 @@ def test_update_pairs_are_successive_sgd_steps(tmp_path):
         ref.fused_sgd_step(c, x, 0.3)
     torch.testing.assert_close(model.embedding, ref.embedding)
     torch.testing.assert_close(model.output_weight, ref.output_weight)
+
+
+def sequential_reference(E, W, center, context, negatives, lr, neg_weight, remove_hits):
+    """word2vec C's per-pair SGD in plain Python (float64), the specification of csrc/sequential_sgd.cpp."""
+    E, W = E.double().clone(), W.double().clone()
+    groups, G, loss = negatives.shape[0], -(-len(center) // negatives.shape[0]), 0.0
+    for p, (c, t) in enumerate(zip(center.tolist(), context.tolist())):
+        x = E[c].clone()
+        s = float(x @ W[t])
+        g_true = lr * (1 - 1 / (1 + math.exp(-s)))
+        d_x = g_true * W[t]
+        W[t] += g_true * x
+        loss += math.log1p(math.exp(-s))
+        for k in negatives[p // G].tolist():
+            if remove_hits and k == t:
+                continue
+            s_k = float(x @ W[k])
+            g_k = -lr * neg_weight / (1 + math.exp(-s_k))
+            d_x += g_k * W[k]
+            W[k] += g_k * x
+            loss += neg_weight * math.log1p(math.exp(s_k))
+        E[c] += d_x
+    return E, W, loss
+
+
+@pytest.mark.parametrize("remove_hits", [False, True])
+def test_sequential_kernel_is_per_pair_sgd(remove_hits):
+    """One thread: the compiled kernel equals word2vec's per-pair SGD, pair after pair, incl. its loss.
+    Rows repeat within the batch, so one batched update from the old values would not pass."""
+    kernel = native.sequential_sgd()
+    if kernel is None:
+        pytest.skip("no C++ compiler / ninja here: the kernel cannot be built (the model falls back, tested below)")
+    g = torch.Generator().manual_seed(0)
+    E, W = torch.randn(30, 8, generator=g) * 0.5, torch.randn(30, 8, generator=g) * 0.5
+    center, context = batch(n=37)
+    context[:3] = torch.tensor([1, 1, 1])  # repeated rows, and accidental hits with the negatives below
+    negatives = torch.randint(0, 30, (10, 3), generator=g)
+    negatives[0, 0] = 1
+    E_ref, W_ref, loss_ref = sequential_reference(E, W, center, context, negatives, 0.3, 0.7, remove_hits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loss = kernel.sequential_sgd(E, W, center, context, negatives, 0.3, 0.7, remove_hits)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(E, E_ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W, W_ref.float(), rtol=1e-5, atol=1e-5)
+    assert loss.item() == pytest.approx(loss_ref, rel=1e-5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.sequential_sgd(E, W, center + 30, context, negatives, 0.3, 0.7, False)
+
+
+def test_sequential_falls_back_to_the_batched_step_without_a_compiler(tmp_path, make_corpus, monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*Ninja is required"):
+        assert native.sequential_sgd.__wrapped__() is None  # the uncached builder
+    builds = []
+    monkeypatch.setattr(native, "sequential_sgd", lambda: builds.append(1))  # what a failed build returns: None
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, _ = fit(tmp_path, corpus, model_kw=dict(sequential=True, share_negatives=4, output_bias=False),
+                            trainer_kw=dict(max_steps=3, max_epochs=None, log_every_n_steps=1))  # fmt: skip
+    assert builds == [1] and model._sequential_kernel is None and trainer.global_step == 3
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    with pytest.raises(ValueError, match="sequential=true"):
+        Word2Vec(10, num_sampled=4, sequential=True, loss="nce")
 
 
 def LearningRateHolderFor(model: Word2Vec, lr: float):
@@ -167,10 +239,11 @@ def separation(model: Word2Vec) -> tuple[float, float, float]:
     [
         {},  # fused SGD, grouped negative sampling
         dict(hogwild=2),  # the same, slices applied by two threads
+        dict(sequential=True, share_negatives=4, output_bias=False),  # per-pair SGD in the compiled kernel
         dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, optimizer="sparse_adam", lr=0.01,
              reduction="mean", init="tutorial"),  # fmt: skip
     ],
-    ids=["fused-sgd-ns", "hogwild-ns", "sparse-adam-nce"],
+    ids=["fused-sgd-ns", "hogwild-ns", "sequential-ns", "sparse-adam-nce"],
 )
 def test_training_separates_planted_vocabularies(tmp_path, make_corpus, model_kw):
     corpus = make_corpus(planted_corpus())

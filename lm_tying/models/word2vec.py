@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from lm_tying import native
 from lm_tying.models.base import WordEmbeddingModule
 from lm_tying.nce import (
     CandidateSampler,
@@ -85,6 +86,7 @@ class Word2Vec(WordEmbeddingModule):
         num_threads: int | None = None,
         hogwild: int = 1,
         update_pairs: int | None = None,
+        sequential: bool = False,
         average_loss_every: int = 5000,
         probe_words: list[str] | None = None,
         probe_topn: int = 8,
@@ -138,6 +140,12 @@ class Word2Vec(WordEmbeddingModule):
                 several cores without OpenMP's per-op barriers, which is what makes these small ops
                 scale (1.8x on 2 cores); rows hit by two slices at the same time may lose one update,
                 so runs are not bit-reproducible.
+            sequential: Fused path on CPU: train pair after pair, each update applied before the next pair
+                reads the tables (word2vec C's and gensim's SGD) instead of batched updates computed from the
+                same old values, in a compiled kernel (``lm_tying/csrc/sequential_sgd.cpp``, built on first
+                use; without a compiler it warns and keeps the batched step). Groups of pairs are shared
+                among torch's threads without locks, as gensim's workers: exact with one thread, not
+                bit-reproducible with more. Negative sampling without output bias, ``reduction: sum``.
             average_loss_every: Log ``train/avg_loss``, the mean loss over the last this many steps, and
                 print it (the tutorial's "Average loss at step 5000"); 0 disables.
             probe_words: Words whose nearest neighbours are written to TensorBoard at each validation
@@ -177,6 +185,11 @@ class Word2Vec(WordEmbeddingModule):
             raise ValueError(f"fused=true implements plain SGD; optimizer={optimizer!r} needs fused=false")
         if update_pairs is not None and (update_pairs < 1 or not fused):
             raise ValueError(f"update_pairs={update_pairs}: needs a value >= 1 and fused=true")
+        if sequential and (not fused or loss != "negative_sampling" or output_bias or reduction != "sum" or hogwild > 1):
+            raise ValueError(
+                "sequential=true is word2vec's per-pair SGD: it needs optimizer 'sgd' (fused), loss "
+                "'negative_sampling', output_bias=false, reduction='sum' and hogwild=1 (it uses every thread itself)"
+            )
         if hogwild < 1 or (hogwild > 1 and not fused):
             raise ValueError(f"hogwild={hogwild}: needs a value >= 1, and fused=true when above 1")
         self.fused = fused
@@ -201,6 +214,7 @@ class Word2Vec(WordEmbeddingModule):
         self._fused_math = torch.compile(_fused_grads, dynamic=True) if compile else _fused_grads
         self._val_generator: torch.Generator | None = None
         self._pool: Any = None
+        self._sequential_kernel: Any = None  # the compiled function, once on_fit_start has built it
         self._reset_windows()
 
     # ------------------------------------------------------------------------------ parameters
@@ -281,6 +295,12 @@ class Word2Vec(WordEmbeddingModule):
         # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
         # floats, whose arithmetic is ~100x slower on x86 CPUs; flushing them to zero changes nothing else.
         torch.set_flush_denormal(True)
+        if self.hparams.sequential and self.fused:  # (not under DDP, where setup turned fused off)
+            if self.device.type != "cpu":
+                warnings.warn(f"sequential updates run on CPU: on {self.device.type} the batched step is used", stacklevel=2)
+            else:
+                module = native.sequential_sgd()
+                self._sequential_kernel = None if module is None else module.sequential_sgd
         self._reset_windows()
 
     def on_fit_end(self) -> None:  # leave the process as we found it
@@ -368,6 +388,23 @@ class Word2Vec(WordEmbeddingModule):
             b.index_add_(0, neg, db_neg)
         return loss_sum / center.numel()
 
+    @torch.no_grad()
+    def sequential_sgd_step(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
+        """Per-pair SGD over the pairs in order (``sequential=True``; needs ``on_fit_start``'s compiled kernel).
+
+        The negatives are drawn here, one draw per ``share_negatives`` pairs as for the batched step; the
+        kernel applies each pair's update before the next pair's. Returns the mean loss of the pairs.
+        """
+        if self._sequential_kernel is None:
+            raise RuntimeError("the sequential kernel is not loaded: it is built at fit start (on CPU, with sequential=true)")
+        h = self.hparams
+        sampled = self._sample(context, generator).sampled
+        negatives = sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
+        loss = self._sequential_kernel(
+            self.embedding, self.output_weight, center, context, negatives, lr, h.negative_weight, h.remove_accidental_hits
+        )
+        return loss.float() / center.numel()
+
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         center, context = batch
@@ -406,7 +443,8 @@ class Word2Vec(WordEmbeddingModule):
         """Fused SGD steps on consecutive runs of ``update_pairs`` pairs; returns their summed loss."""
         size = self.hparams.update_pairs or center.numel()
         losses = [
-            self.fused_sgd_step(c, x, lr, None, batch_pairs) * c.numel()
+            (self.sequential_sgd_step(c, x, lr) if self._sequential_kernel else self.fused_sgd_step(c, x, lr, None, batch_pairs))
+            * c.numel()
             for c, x in zip(center.split(size), context.split(size))
         ]
         return sum(losses)
