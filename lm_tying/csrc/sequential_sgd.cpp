@@ -10,7 +10,7 @@
 //
 // so the next pair already sees these rows updated: plain per-pair SGD, where the batched PyTorch step
 // (Word2Vec.fused_sgd_step) computes every gradient of an update from the same old values. Groups are
-// split among torch's intra-op threads, which update the shared tables without locks (Hogwild!, as
+// shared out among torch's intra-op threads, which update the shared tables without locks (Hogwild!, as
 // word2vec C and gensim): with one thread the result is exactly the sequential one, with more a row hit
 // by two threads at once may lose an update. Every row is worked on in L1 and the rows of the next pairs
 // are prefetched; no temporary [B, D] tensor, no per-op dispatch, no GIL.
@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -99,49 +100,56 @@ torch::Tensor sequential_sgd(torch::Tensor embedding, torch::Tensor output_weigh
   std::vector<double> group_loss(n, 0.0);
   {
     pybind11::gil_scoped_release no_gil;
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    // Threads take chunks of groups from a shared counter rather than a fixed half each: on a VM whose
+    // vCPUs get descheduled a static split makes the whole call wait for the slowest thread.
+    const int64_t chunk = std::max<int64_t>(1, 256 / G), chunks = (n + chunk - 1) / chunk;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       FlushDenormals flush;
       std::vector<float> d_x(D);  // the update of E[c], from the rows as they were before this pair
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t* negs = neg + g * K;
-        if (g + 1 < end) {
-          for (int64_t k = 0; k < K; ++k) prefetch_row(W + negs[K + k] * D, D);
+      for (int64_t taken = next++; taken < chunks; taken = next++) {
+        const int64_t begin = taken * chunk, end = std::min(n, begin + chunk);
+        for (int64_t g = begin; g < end; ++g) {
+          const int64_t* negs = neg + g * K;
+          if (g + 1 < end) {
+            for (int64_t k = 0; k < K; ++k) prefetch_row(W + negs[K + k] * D, D);
+          }
+          double linear = 0.0, true_factors = 1.0, neg_factors = 1.0;  // loss = linear + log(factors)
+          const int64_t last = std::min(B, (g + 1) * G);
+          for (int64_t p = g * G; p < last; ++p) {
+            if (p + 8 < B) {
+              prefetch_row(E + c[p + 8] * D, D);
+              prefetch_row(W + t[p + 8] * D, D);
+            }
+            float* x = E + c[p] * D;
+            float* wt = W + t[p] * D;
+            const float s = dot(x, wt, D);
+            const float e = std::exp(-std::fabs(s));
+            const float g_true = (1.f - sigmoid_from(s, e)) * rate;
+            linear += std::max(s, 0.f) - s;  // softplus(-s) = softplus(s) - s
+            true_factors *= 1.0 + e;
+            std::fill(d_x.begin(), d_x.end(), 0.f);
+            axpy(g_true, wt, d_x.data(), D);
+            axpy(g_true, x, wt, D);
+            for (int64_t k = 0; k < K; ++k) {
+              if (remove_accidental_hits && negs[k] == t[p]) continue;  // as word2vec C and gensim always do
+              float* wk = W + negs[k] * D;
+              const float s_k = dot(x, wk, D);
+              const float e_k = std::exp(-std::fabs(s_k));
+              const float g_k = -sigmoid_from(s_k, e_k) * rate * w;
+              linear += w * std::max(s_k, 0.f);
+              neg_factors *= 1.0 + e_k;
+              axpy(g_k, wk, d_x.data(), D);
+              axpy(g_k, x, wk, D);
+            }
+            axpy(1.f, d_x.data(), x, D);
+            if (neg_factors > 1e200 || true_factors > 1e200) {  // long groups: fold the products in early
+              linear += std::log(true_factors) + w * std::log(neg_factors);
+              true_factors = neg_factors = 1.0;
+            }
+          }
+          group_loss[g] = linear + std::log(true_factors) + w * std::log(neg_factors);
         }
-        double linear = 0.0, true_factors = 1.0, neg_factors = 1.0;  // loss = linear + log(factors)
-        const int64_t last = std::min(B, (g + 1) * G);
-        for (int64_t p = g * G; p < last; ++p) {
-          if (p + 8 < B) {
-            prefetch_row(E + c[p + 8] * D, D);
-            prefetch_row(W + t[p + 8] * D, D);
-          }
-          float* x = E + c[p] * D;
-          float* wt = W + t[p] * D;
-          const float s = dot(x, wt, D);
-          const float e = std::exp(-std::fabs(s));
-          const float g_true = (1.f - sigmoid_from(s, e)) * rate;
-          linear += std::max(s, 0.f) - s;  // softplus(-s) = softplus(s) - s
-          true_factors *= 1.0 + e;
-          std::fill(d_x.begin(), d_x.end(), 0.f);
-          axpy(g_true, wt, d_x.data(), D);
-          axpy(g_true, x, wt, D);
-          for (int64_t k = 0; k < K; ++k) {
-            if (remove_accidental_hits && negs[k] == t[p]) continue;  // as word2vec C and gensim always do
-            float* wk = W + negs[k] * D;
-            const float s_k = dot(x, wk, D);
-            const float e_k = std::exp(-std::fabs(s_k));
-            const float g_k = -sigmoid_from(s_k, e_k) * rate * w;
-            linear += w * std::max(s_k, 0.f);
-            neg_factors *= 1.0 + e_k;
-            axpy(g_k, wk, d_x.data(), D);
-            axpy(g_k, x, wk, D);
-          }
-          axpy(1.f, d_x.data(), x, D);
-          if (neg_factors > 1e200 || true_factors > 1e200) {  // long groups: fold the products in early
-            linear += std::log(true_factors) + w * std::log(neg_factors);
-            true_factors = neg_factors = 1.0;
-          }
-        }
-        group_loss[g] = linear + std::log(true_factors) + w * std::log(neg_factors);
       }
     });
   }
