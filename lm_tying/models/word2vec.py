@@ -13,7 +13,7 @@ and for a batch of ``(center, context)`` pairs with ``K`` negatives shared by th
     s_neg  = h @ W[negatives].T + b[negatives]            [B, K]   (one matmul: why shared negatives are fast)
     loss   = sigmoid CE(s_true, 1) + sum_k sigmoid CE(s_neg_k, 0)     (NCE first subtracts log Q from both)
 
-Two ways to train it, same mathematics (a test checks they take the same step):
+Three ways to train it, same objective (tests check each against a reference):
 
 * ``fused=True`` (default on CPU with ``optimizer="sgd"``): the gradients of this loss are written out
   by hand and applied with ``index_add_`` straight into the rows the batch used -- word2vec C's update,
@@ -21,12 +21,15 @@ Two ways to train it, same mathematics (a test checks they take the same step):
   2-core CPU this is ~2-3x faster than autograd + sparse SGD. An optimizer object still exists
   (``LearningRateHolder``): it holds the learning rate (so schedulers, ``LearningRateMonitor`` and
   checkpoints work) and lets Lightning count steps; no parameter ever receives a ``.grad``.
+* ``sequential=True`` (on CPU, with ``fused``): word2vec C's own SGD, pair after pair, each update
+  applied before the next pair reads the tables, in a compiled kernel (``lm_tying/csrc``, built on first
+  use by ``lm_tying.native``); torch's threads share the pairs lock-free, as gensim's workers do.
 * ``fused=False``: autograd with sparse gradients (``sparse=True``) and any of the optimizers
   ``sgd``, ``adagrad``, ``sparse_adam`` (sparse) or ``adam`` (dense). Used automatically under DDP,
   with dense gradients: fused updates would bypass DDP's gradient all-reduce, and NCCL has no
   all-reduce for sparse tensors.
 
-Training is manual-optimization either way, so the two paths share the step, schedule and logging.
+Training is manual-optimization in every case, so the paths share the step, schedule and logging.
 """
 
 from __future__ import annotations
