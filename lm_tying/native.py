@@ -8,6 +8,8 @@ be built, :func:`sequential_sgd` returns None with a warning, and callers fall b
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -26,12 +28,23 @@ def _flags() -> tuple[str, list[str]]:
     return capability.lower(), flags
 
 
+def _ninja_on_path() -> None:
+    """pip's ninja sits in the environment's scripts folder, not on PATH when the venv is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def sequential_sgd() -> ModuleType | None:
     """The module of ``csrc/sequential_sgd.cpp`` (function ``sequential_sgd``), or None if it cannot be built."""
     from torch.utils.cpp_extension import load
 
     suffix, flags = _flags()
+    _ninja_on_path()
     try:
         return load(
             name=f"lm_tying_sequential_sgd_{suffix}",
