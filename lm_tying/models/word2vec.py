@@ -443,13 +443,15 @@ class Word2Vec(WordEmbeddingModule):
         return sum(losses) / center.numel()
 
     def _apply_slice(self, center: Tensor, context: Tensor, lr: float, batch_pairs: int | None) -> Tensor:
-        """Fused SGD steps on consecutive runs of ``update_pairs`` pairs; returns their summed loss."""
+        """Fused SGD steps (or sequential passes) on consecutive runs of ``update_pairs`` pairs; returns
+        their summed loss."""
         size = self.hparams.update_pairs or center.numel()
-        losses = [
-            (self.sequential_sgd_step(c, x, lr) if self._sequential_kernel else self.fused_sgd_step(c, x, lr, None, batch_pairs))
-            * c.numel()
-            for c, x in zip(center.split(size), context.split(size))
-        ]
+        losses = []
+        for c, x in zip(center.split(size), context.split(size)):
+            if self._sequential_kernel is not None:
+                losses.append(self.sequential_sgd_step(c, x, lr) * c.numel())
+            else:
+                losses.append(self.fused_sgd_step(c, x, lr, None, batch_pairs) * c.numel())
         return sum(losses)
 
     def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
