@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lm_tying import native
@@ -302,6 +303,7 @@ class Word2Vec(WordEmbeddingModule):
             if self.device.type != "cpu":
                 warnings.warn(f"sequential updates run on CPU: on {self.device.type} the batched step is used", stacklevel=2)
             else:
+                rank_zero_info("Word2Vec: loading the compiled per-pair SGD kernel (built once per machine, ~20 s)")
                 module = native.sequential_sgd()
                 self._sequential_kernel = None if module is None else module.sequential_sgd
         self._reset_windows()
