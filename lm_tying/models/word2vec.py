@@ -135,15 +135,16 @@ class Word2Vec(WordEmbeddingModule):
             compile: ``torch.compile`` the per-batch math (helps on GPU; on CPU it needs a C++ compiler).
             num_threads: ``torch.set_num_threads`` at fit start (None leaves torch's default).
             update_pairs: Fused path: apply one SGD update per this many pairs of a batch (of a hogwild
-                slice), one after the other (None: one update per batch). Large loader batches with small updates: the per-batch
-                costs of Lightning and the data pipeline (~0.5 ms) are paid once for several updates,
-                while the updates stay as small (as stable) as a small batch's.
+                slice), one after the other (None: one update per batch). Large loader batches with small
+                updates: the per-batch costs of Lightning and the data pipeline (~1 ms) are paid once for
+                several updates, while the updates stay as small (as stable) as a small batch's. With
+                ``sequential``, only how many pairs each kernel call (and each draw of negatives) takes.
             hogwild: Fused path: split each batch into this many slices and apply their updates (each in
                 runs of ``update_pairs``) from as many threads at once, without locks, as word2vec C and
                 gensim do (each thread runs single-threaded ops, so ``num_threads`` is ignored). Uses
-                several cores without OpenMP's per-op barriers, which is what makes these small ops
-                scale (1.8x on 2 cores); rows hit by two slices at the same time may lose one update,
-                so runs are not bit-reproducible.
+                several cores without OpenMP's per-op barriers (the step alone: 1.3-1.8x one thread on 2
+                cores; whole runs here were no faster than OpenMP's threads); rows hit by two slices at
+                the same time may lose one update, so runs are not bit-reproducible.
             sequential: Fused path on CPU: train pair after pair, each update applied before the next pair
                 reads the tables (word2vec C's and gensim's SGD) instead of batched updates computed from the
                 same old values, in a compiled kernel (``lm_tying/csrc/sequential_sgd.cpp``, built on first
