@@ -240,10 +240,11 @@ def separation(model: Word2Vec) -> tuple[float, float, float]:
         {},  # fused SGD, grouped negative sampling
         dict(hogwild=2),  # the same, slices applied by two threads
         dict(sequential=True, share_negatives=4, output_bias=False),  # per-pair SGD in the compiled kernel
+        dict(sequential=True, share_negatives=4, output_bias=False, num_threads=2),  # its lock-free threads
         dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, optimizer="sparse_adam", lr=0.01,
              reduction="mean", init="tutorial"),  # fmt: skip
     ],
-    ids=["fused-sgd-ns", "hogwild-ns", "sequential-ns", "sparse-adam-nce"],
+    ids=["fused-sgd-ns", "hogwild-ns", "sequential-ns", "sequential-2-threads", "sparse-adam-nce"],
 )
 def test_training_separates_planted_vocabularies(tmp_path, make_corpus, model_kw):
     corpus = make_corpus(planted_corpus())
