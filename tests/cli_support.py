@@ -69,19 +69,12 @@ def write_corpus(directory: Path, num_words: int = 6000, name: str = "corpus.txt
 
 def tiny_config(model: str, corpus: Path, **trainer: Any) -> dict[str, Any]:
     """A config small enough for a few seconds on one CPU core; deterministic (seeded, no worker processes)."""
-    if model == "word2vec":
-        model_cfg = {
-            "class_path": "lm_tying.models.word2vec.Word2Vec",
-            "init_args": {"embedding_dim": 16, "num_sampled": 8, "evaluate": False, "average_loss_every": 0},
-        }
-        data_args = {"mode": "skipgram", "batch_size": 256, "window": 2}
-    elif model == "word2vec_sequential":  # per-pair SGD in the compiled kernel (exact with one thread)
-        model_cfg = {
-            "class_path": "lm_tying.models.word2vec.Word2Vec",
-            "init_args": {"embedding_dim": 16, "num_sampled": 6, "evaluate": False, "average_loss_every": 0,
-                          "loss": "negative_sampling", "unique": False, "share_negatives": 4, "output_bias": False,
-                          "reduction": "sum", "lr": 0.05, "init": "word2vec", "sequential": True},
-        }  # fmt: skip
+    if model in ("word2vec", "word2vec_sequential"):
+        init_args = {"embedding_dim": 16, "num_sampled": 8, "evaluate": False, "average_loss_every": 0}
+        if model == "word2vec_sequential":  # per-pair SGD in the compiled kernel (exact with one thread)
+            init_args.update(num_sampled=6, loss="negative_sampling", unique=False, share_negatives=4,
+                             output_bias=False, reduction="sum", lr=0.05, init="word2vec", sequential=True)  # fmt: skip
+        model_cfg = {"class_path": "lm_tying.models.word2vec.Word2Vec", "init_args": init_args}
         data_args = {"mode": "skipgram", "batch_size": 256, "window": 2}
     elif model == "lm":
         model_cfg = {
