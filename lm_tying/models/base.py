@@ -47,9 +47,12 @@ class WordEmbeddingModule(L.LightningModule):
         return WordVectors(self.vocab.words, self.input_embeddings().detach().float().cpu())
 
     # ------------------------------------------------------------------ vocabulary plumbing
+    def attached_datamodule(self) -> Any:
+        """The trainer's DataModule, or None (no trainer, or data passed as plain loaders)."""
+        return getattr(self._trainer, "datamodule", None)
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_vocab = getattr(datamodule, "vocab", None)
+        data_vocab = getattr(self.attached_datamodule(), "vocab", None)
         if data_vocab is None:
             return
         if len(data_vocab) != self.hparams.vocab_size:
@@ -79,8 +82,7 @@ class WordEmbeddingModule(L.LightningModule):
         if VOCAB_KEY not in checkpoint:
             return
         saved = Vocabulary.from_state_dict(checkpoint[VOCAB_KEY])
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        data_vocab = getattr(datamodule, "_vocab", None)
+        data_vocab = getattr(self.attached_datamodule(), "_vocab", None)
         if data_vocab is not None and data_vocab != saved:
             raise CheckpointMismatchError(_vocab_mismatch(type(self).__name__, saved, data_vocab))
         self.vocab = saved

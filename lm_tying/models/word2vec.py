@@ -241,8 +241,7 @@ class Word2Vec(WordEmbeddingModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if isinstance(self.sampler, UnigramSampler) and self.vocab is not None:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            counts = getattr(datamodule, "word_counts", self.vocab.counts)  # UNK at 0 when the data drops it
+            counts = getattr(self.attached_datamodule(), "word_counts", self.vocab.counts)  # UNK 0 if the data drops it
             self.sampler.set_counts(torch.as_tensor(counts))
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1 and (self.fused or self.sparse):
