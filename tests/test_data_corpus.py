@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
+import json
 import threading
 import zipfile
 from pathlib import Path
@@ -66,7 +68,9 @@ def test_download_verifies_size_caches_and_reads(tmp_path, text8_zip):
         assert dest.read_bytes() == text8_zip
         download(server.url + "/text8.zip", dest, expected_size=len(text8_zip))
         assert server.requests == ["/text8.zip"], "a verified cached file must be reused"
-        assert list(dest.parent.iterdir()) == [dest], "no temporary file may be left behind"
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["text8.zip", "text8.zip.source.json"], (
+            "no temporary file may be left behind, only the file and the record of its URL"
+        )
         dm = Text8DataModule(data_dir=str(tmp_path / "data2"), url=server.url + "/text8.zip", vocab_size=4)
         assert dm.vocab.words == ["UNK", "the", "cat", "sat"]
 
@@ -98,6 +102,65 @@ def test_truncated_cached_file_is_reported(tmp_path):
     dest.write_bytes(b"PK" * 10)
     with pytest.raises(CorpusError, match="truncated"):
         download("http://127.0.0.1:9/none", dest, expected_size=1000)
+
+
+def test_download_is_tied_to_its_url(tmp_path, text8_zip):
+    """A file downloaded from one URL is never served for another: the run refuses, naming both."""
+    with _Server({"/a/text8.zip": text8_zip, "/b/text8.zip": b"other bytes"}) as server:
+        Text8DataModule(data_dir=str(tmp_path), url=server.url + "/a/text8.zip", vocab_size=4).prepare_data()
+        other = Text8DataModule(data_dir=str(tmp_path), url=server.url + "/b/text8.zip", vocab_size=4)
+        with pytest.raises(CorpusError, match=r"text8.zip was downloaded from .*/a/text8.zip, not from .*/b/") as err:
+            other.prepare_data()
+        assert "\n" not in str(err.value) and "--data.data_dir" in str(err.value)
+        assert server.requests == ["/a/text8.zip"]
+        assert (tmp_path / "text8.zip").read_bytes() == text8_zip, "the existing download must be left alone"
+
+
+def test_reused_download_is_checked_against_its_record(tmp_path, text8_zip, monkeypatch):
+    with _Server({"/text8.zip": text8_zip}) as server:
+        url, dest = server.url + "/text8.zip", tmp_path / "text8.zip"
+        download(url, dest)
+        import lm_tying.data.corpus as corpus
+
+        with monkeypatch.context() as patch:  # an unchanged file (same size and mtime) is not hashed again
+            patch.setattr(corpus, "file_sha256", lambda path: pytest.fail("rehashed an unchanged download"))
+            download(url, dest)
+        dest.write_bytes(bytes(reversed(text8_zip)))  # same size, other bytes, new mtime
+        with pytest.raises(CorpusError, match=r"text8.zip has sha256 \w+, expected \w+: it was changed"):
+            download(url, dest)
+        dest.write_bytes(text8_zip[:50])
+        with pytest.raises(CorpusError, match=r"text8.zip has 50 bytes, expected .*truncated"):
+            download(url, dest)
+        dest.write_bytes(text8_zip)  # the right bytes again: reused, though its mtime changed
+        download(url, dest)
+        assert server.requests == ["/text8.zip"]
+
+
+def test_known_sha256_is_verified_on_download(tmp_path, text8_zip):
+    with _Server({"/text8.zip": text8_zip}) as server:
+        dest = tmp_path / "data" / "text8.zip"
+        with pytest.raises(CorpusError, match="has sha256 .*, expected 0+: it is not text8.zip"):
+            download(server.url + "/text8.zip", dest, expected_size=len(text8_zip), expected_sha256="0" * 64)
+        assert list(dest.parent.iterdir()) == [], "a file failing its hash must leave nothing behind"
+        sha256 = hashlib.sha256(text8_zip).hexdigest()
+        download(server.url + "/text8.zip", dest, expected_size=len(text8_zip), expected_sha256=sha256)
+        record = json.loads((dest.parent / "text8.zip.source.json").read_text())
+        assert record["url"] == server.url + "/text8.zip" and record["sha256"] == sha256
+        assert record["size"] == len(text8_zip)
+
+
+def test_download_without_record_is_adopted_only_when_verifiable(tmp_path, text8_zip):
+    """A file from before URLs were recorded: kept when the known size and hash vouch for it, else refused."""
+    dest = tmp_path / "text8.zip"
+    dest.write_bytes(text8_zip)
+    url = "http://127.0.0.1:9/text8.zip"  # nothing listens: reusing the file must not need the network
+    with pytest.raises(CorpusError, match="no record of the URL it was downloaded from: delete it"):
+        download(url, dest)
+    with pytest.raises(CorpusError, match="has sha256 .*, expected 0+"):
+        download(url, dest, expected_size=len(text8_zip), expected_sha256="0" * 64)
+    download(url, dest, expected_size=len(text8_zip), expected_sha256=hashlib.sha256(text8_zip).hexdigest())
+    assert json.loads((tmp_path / "text8.zip.source.json").read_text())["url"] == url
+    download(url, dest)  # recorded now: reused as any download from this URL
 
 
 def test_corrupt_zip_served_then_read_is_reported(tmp_path):

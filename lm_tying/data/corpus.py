@@ -7,6 +7,9 @@ names the file and says what to do, instead of a traceback from deep inside ``zi
 
 from __future__ import annotations
 
+import hashlib
+import json
+import mmap
 import os
 import urllib.error
 import urllib.request
@@ -18,8 +21,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lm_tying.atomic import atomic_path
+
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_ZIP_SIZE = 31_344_016
+TEXT8_ZIP_SHA256 = "a6640522afe85d1963ad56c05b0ede0a0c000dddc9671758a6cc09b7a38e5232"
 TEXT8_MEMBER = "text8"
 READ_CHUNK_BYTES = 1 << 20  # small chunks bound the Python objects alive at once
 
@@ -32,65 +38,144 @@ class CorpusError(ValueError):
     """A corpus file or download that cannot be used, with the reason and the fix in the message."""
 
 
-def download(url: str, dest: Path, expected_size: int | None, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` unless a verified copy is already there.
+def download(
+    url: str,
+    dest: Path,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``dest`` unless a verified copy from that same URL is already there.
 
-    Bytes go to a temporary file that is renamed only once complete and of the expected size, so an
-    interrupted download never leaves a file that looks valid.
+    Bytes go to a temporary file renamed only once complete and verified (the expected size, else the
+    announced Content-Length; the sha256 when known), so an interrupted download never leaves a file that
+    looks valid. A record beside it (``<dest>.source.json``: URL, size, sha256) ties the file to its URL:
+    a later run reuses it only for the same URL and only while it still matches the record.
     """
     dest = Path(dest)
-    if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
-        return dest
     if dest.exists():
-        raise CorpusError(
-            f"{dest} has {dest.stat().st_size:,} bytes, expected {expected_size:,}: it is truncated or "
-            f"not the file from {url}. Delete it to download it again."
-        )
+        _check_download(url, dest, expected_size, expected_sha256)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            announced = response.headers.get("Content-Length")
-            announced = int(announced) if announced else None
-            if expected_size is not None and announced is not None and announced != expected_size:
-                raise CorpusError(
-                    f"{url} announces {announced:,} bytes, expected {expected_size:,}: the server does not "
-                    f"serve text8.zip. Check --data.url, or pass a local copy with --data.path."
-                )
-            with open(partial, "wb") as out, tqdm(
-                total=announced, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
-            ) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    bar.update(len(block))
-    except urllib.error.HTTPError as e:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                announced = response.headers.get("Content-Length")
+                announced = int(announced) if announced else None
+                if expected_size is not None and announced is not None and announced != expected_size:
+                    raise CorpusError(
+                        f"{url} announces {announced:,} bytes, expected {expected_size:,}: the server does "
+                        f"not serve text8.zip. Check --data.url, or pass a local copy with --data.path."
+                    )
+                with open(partial, "wb") as out, tqdm(
+                    total=announced, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
+                ) as bar:
+                    while block := response.read(1 << 20):
+                        out.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
+        except urllib.error.HTTPError as e:
+            raise CorpusError(
+                f"downloading {url} failed: HTTP {e.code} {e.reason}. Check --data.url, or download "
+                f"text8.zip yourself and pass it with --data.path."
+            ) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise CorpusError(
+                f"downloading {url} failed: {reason}. Check your network, or download text8.zip yourself "
+                f"and pass it with --data.path."
+            ) from None
+        size = partial.stat().st_size
+        expected_size = expected_size if expected_size is not None else announced
+        if expected_size is not None and size != expected_size:
+            raise CorpusError(
+                f"downloaded {size:,} bytes from {url}, expected {expected_size:,}: the download was cut "
+                f"short or the file is not text8.zip. Run again to retry, or pass a local copy with --data.path."
+            )
+        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+            raise CorpusError(
+                f"the file downloaded from {url} has sha256 {digest.hexdigest()}, expected {expected_sha256}: "
+                f"it is not text8.zip or was corrupted on the way. Run again to retry, or check --data.url."
+            )
+        # The record first: a run killed between the two writes leaves no file to reuse, only a record.
+        write_json(_record_path(dest), _record(url, partial, digest.hexdigest()))
+        os.replace(partial, dest)
+    finally:
         partial.unlink(missing_ok=True)
-        raise CorpusError(
-            f"downloading {url} failed: HTTP {e.code} {e.reason}. Check --data.url, or download text8.zip "
-            f"yourself and pass it with --data.path."
-        ) from None
-    except (urllib.error.URLError, OSError) as e:
-        partial.unlink(missing_ok=True)
-        if isinstance(e, CorpusError):
-            raise
-        reason = getattr(e, "reason", e)
-        raise CorpusError(
-            f"downloading {url} failed: {reason}. Check your network, or download text8.zip yourself and "
-            f"pass it with --data.path."
-        ) from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    size = partial.stat().st_size
-    expected_size = expected_size if expected_size is not None else announced
-    if expected_size is not None and size != expected_size:
-        partial.unlink()
-        raise CorpusError(
-            f"downloaded {size:,} bytes from {url}, expected {expected_size:,}: the download was cut short "
-            f"or the file is not text8.zip. Run again to retry, or pass a local copy with --data.path."
-        )
-    os.replace(partial, dest)
     return dest
+
+
+def _record_path(dest: Path) -> Path:
+    return dest.with_name(f"{dest.name}.source.json")
+
+
+def _record(url: str, path: Path, sha256: str) -> dict:
+    stat = path.stat()
+    return {"url": url, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+
+
+def _check_download(url: str, dest: Path, expected_size: int | None, expected_sha256: str | None) -> None:
+    """Raise unless ``dest`` was downloaded from ``url`` and still is what was downloaded.
+
+    The sha256 is recomputed only when the file's mtime differs from the record's (the file was written
+    since), so reusing it costs a ``stat`` per run. A file without a record (from an older version) is
+    adopted only when a known size and hash vouch for it.
+    """
+    record = read_json(_record_path(dest))
+    if record is None:
+        if expected_size is None and expected_sha256 is None:
+            raise CorpusError(
+                f"{dest} has no record of the URL it was downloaded from: delete it to download {url}, or "
+                f"pass it with --data.path to use it as it is."
+            )
+        record = {"url": url, "size": expected_size, "mtime_ns": None, "sha256": expected_sha256}
+    elif record.get("url") != url:
+        raise CorpusError(
+            f"{dest} was downloaded from {record.get('url')}, not from {url} (--data.url): delete it to "
+            f"download from {url}, or set another --data.data_dir."
+        )
+    stat = dest.stat()
+    for expected in (expected_size, record.get("size")):
+        if expected is not None and stat.st_size != expected:
+            raise CorpusError(
+                f"{dest} has {stat.st_size:,} bytes, expected {expected:,}: it is truncated or not the file from "
+                f"{url}. Delete it to download it again."
+            )
+    if stat.st_mtime_ns == record.get("mtime_ns"):
+        return
+    sha256 = file_sha256(dest)
+    for expected in (expected_sha256, record.get("sha256")):
+        if expected is not None and sha256 != expected:
+            raise CorpusError(
+                f"{dest} has sha256 {sha256}, expected {expected}: it was changed or corrupted since it was "
+                f"downloaded from {url}. Delete it to download it again."
+            )
+    write_json(_record_path(dest), _record(url, dest, sha256))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, hashed straight from a memory map (no Python loop, no copy)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return hashlib.sha256(view).hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    """The object in a JSON file, or None when it is missing or unreadable (never trusted half-written)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def iter_text8_chunks(path: Path, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:

@@ -3,8 +3,9 @@
 The corpus is read once: the first run downloads (or reads ``path``), builds the vocabulary and
 writes the encoded corpus to ``data_dir`` as a ``.npy`` file that later runs memory-map in
 milliseconds. The cache is keyed by the source file and the vocabulary settings, so changing
-either builds a new one. ``mode`` decides what the loaders serve: skip-gram pairs for word2vec or
-contiguous streams for the language model.
+either builds a new one, and a manifest written last (sizes and sha256 of its files) is checked on
+every load, so a truncated or edited cache is rebuilt instead of trusted. ``mode`` decides what the
+loaders serve: skip-gram pairs for word2vec or contiguous streams for the language model.
 """
 
 from __future__ import annotations
@@ -13,20 +14,33 @@ import hashlib
 import json
 import time
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
 from lm_tying.atomic import atomic_path
-from lm_tying.data.corpus import TEXT8_URL, TEXT8_ZIP_SIZE, CorpusError, download, iter_text8_chunks
+from lm_tying.data.corpus import (
+    TEXT8_URL,
+    TEXT8_ZIP_SHA256,
+    TEXT8_ZIP_SIZE,
+    CorpusError,
+    download,
+    file_sha256,
+    iter_text8_chunks,
+    read_json,
+    write_json,
+)
 from lm_tying.data.streams import LanguageModelStream, ResumableLoader, SkipGramStream, keep_probabilities
 from lm_tying.data.vocab import Vocabulary, encode_corpus
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: manifest.json, verified on load
+CACHE_FILES = ("tokens.npy", "vocab.tsv")
+MANIFEST = "manifest.json"
 
 
 class Text8DataModule(L.LightningDataModule):
@@ -101,6 +115,7 @@ class Text8DataModule(L.LightningDataModule):
         self.seed = seed
         self._vocab: Vocabulary | None = None
         self._tokens: np.ndarray | None = None
+        self._corpus_fingerprint: str | None = None
 
     # ----------------------------------------------------------------- corpus and vocabulary
     def prepare_data(self) -> None:
@@ -128,6 +143,15 @@ class Text8DataModule(L.LightningDataModule):
         return counts
 
     @property
+    def corpus_fingerprint(self) -> str:
+        """``sha256:<hex>:<bytes>`` of the corpus text (uncompressed), so the same words give the same
+        fingerprint whatever the file's name, place or compression. Computed while the cache is built and
+        kept in its manifest: a cached run does not read the corpus again."""
+        if self._corpus_fingerprint is None:
+            self._load()
+        return self._corpus_fingerprint
+
+    @property
     def tokens(self) -> np.ndarray:
         """The whole encoded corpus (memory-mapped, int32)."""
         if self._tokens is None:
@@ -142,49 +166,68 @@ class Text8DataModule(L.LightningDataModule):
                     f"with --data.path, or leave it unset to download text8."
                 )
             return Path(self.path)
-        return download(self.url, self.data_dir / "text8.zip", TEXT8_ZIP_SIZE if self.url == TEXT8_URL else None)
+        canonical = self.url == TEXT8_URL
+        return download(
+            self.url,
+            self.data_dir / "text8.zip",
+            expected_size=TEXT8_ZIP_SIZE if canonical else None,
+            expected_sha256=TEXT8_ZIP_SHA256 if canonical else None,
+        )
 
     def cache_dir(self, source: Path) -> Path:
         """``data_dir/cache/<name>-<key>``: the key changes with the file and the vocabulary settings."""
-        stat = source.stat()
-        identity = {
-            "file": str(source.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "vocab_size": self.vocab_size,
-            "min_count": self.min_count,
-            "format": CACHE_FORMAT,
-        }
+        identity = {**_source_identity(source), "vocab_size": self.vocab_size, "min_count": self.min_count}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return self.data_dir / "cache" / f"{source.stem}-{key}"
 
     def _load(self) -> None:
+        if self._tokens is not None:
+            return
         source = self.source_file()
         cache = self.cache_dir(source)
-        tokens_file, vocab_file = cache / "tokens.npy", cache / "vocab.tsv"
-        if not (tokens_file.exists() and vocab_file.exists()):
-            self._build_cache(source, cache)
-        self._vocab = Vocabulary.load(vocab_file)
-        self._tokens = np.load(tokens_file, mmap_mode="r")
+        manifest = read_json(cache / MANIFEST)
+        problem = _cache_problem(cache, manifest, _source_identity(source))
+        if problem is not None:
+            if cache.exists():  # a first build needs no notice
+                rank_zero_warn(f"{problem}; rebuilding the cache from {source}")
+            manifest = self._build_cache(source, cache)
+        self._vocab = Vocabulary.load(cache / "vocab.tsv")
+        self._tokens = np.load(cache / "tokens.npy", mmap_mode="r")
+        self._corpus_fingerprint = manifest["corpus_fingerprint"]
 
-    def _build_cache(self, source: Path, cache: Path) -> None:
+    def _build_cache(self, source: Path, cache: Path) -> dict:
+        """Encode ``source`` into ``cache``; the manifest is written last, so only a complete cache has one."""
         started = time.perf_counter()
+        identity = _source_identity(source)
         size = _uncompressed_size(source)
+        text = _TextDigest()
         tokens, vocab = encode_corpus(
-            _with_progress(iter_text8_chunks(source), size, f"encoding {source.name}"),
+            text.update_from(_with_progress(iter_text8_chunks(source), size, f"encoding {source.name}")),
             self.vocab_size,
             self.min_count,
             size_hint=size,
         )
         cache.mkdir(parents=True, exist_ok=True)
+        (cache / MANIFEST).unlink(missing_ok=True)  # a rebuild killed midway must not look complete
         with atomic_path(cache / "tokens.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, tokens)  # vocabulary last: its presence marks a complete cache
+            np.save(f, tokens)
         vocab.save(cache / "vocab.tsv")
+        manifest = {
+            "format": CACHE_FORMAT,
+            "corpus_fingerprint": text.fingerprint(),
+            "source": identity,
+            "files": {
+                name: {"size": (cache / name).stat().st_size, "sha256": file_sha256(cache / name)}
+                for name in CACHE_FILES
+            },
+        }
+        write_json(cache / MANIFEST, manifest)
         unk = vocab.counts[0] / max(len(tokens), 1)
         rank_zero_info(
             f"text8: {len(tokens):,} words, vocabulary {len(vocab):,} (UNK {unk:.1%} of tokens), "
             f"cached in {cache} ({time.perf_counter() - started:.1f}s)"
         )
+        return manifest
 
     def split_tokens(self, stage: Literal["train", "val", "test"]) -> np.ndarray:
         """The contiguous part of the corpus for ``stage`` (90/5/5 by default)."""
@@ -259,6 +302,54 @@ class Text8DataModule(L.LightningDataModule):
     def predict_dataloader(self) -> ResumableLoader:
         """``predict`` scores the test split: token log-probabilities (LM) or pair probabilities (word2vec)."""
         return self._loader("test")
+
+
+def _source_identity(source: Path) -> dict:
+    """What a cache was built from: a change of size or mtime means the file was written since."""
+    stat = source.stat()
+    return {"file": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_problem(cache: Path, manifest: dict | None, source_identity: dict) -> str | None:
+    """Why the cache in ``cache`` cannot be used, in words naming the file; None when it can."""
+    manifest_file = cache / MANIFEST
+    if manifest is None:
+        return f"{manifest_file} is missing or unreadable (a build that did not finish, or an older version's cache)"
+    if manifest.get("format") != CACHE_FORMAT:
+        return f"{manifest_file} has format {manifest.get('format')}, this version reads {CACHE_FORMAT}"
+    if manifest.get("source") != source_identity or not isinstance(manifest.get("corpus_fingerprint"), str):
+        return f"{manifest_file} does not describe a cache of {source_identity['file']} as it is now"
+    files = manifest.get("files")
+    for name in CACHE_FILES:
+        path = cache / name
+        recorded = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(recorded, dict):
+            return f"{manifest_file} does not record {name}"
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != recorded.get("size"):
+            return f"{path} has {size:,} bytes, its manifest records {recorded.get('size')} (truncated or replaced)"
+        if file_sha256(path) != recorded.get("sha256"):
+            return f"{path} does not match the sha256 its manifest records (edited or corrupted)"
+    return None
+
+
+class _TextDigest:
+    """sha256 and length of the corpus text as it streams to the encoder: the corpus fingerprint."""
+
+    def __init__(self):
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def update_from(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.sha256.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+    def fingerprint(self) -> str:
+        return f"sha256:{self.sha256.hexdigest()}:{self.size}"
 
 
 def _uncompressed_size(source: Path) -> int:

@@ -67,9 +67,18 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
+        """Read a file written by ``save``; a damaged one is a ``CorpusError`` naming it."""
         with open(path, encoding="utf-8") as f:
             fields = f.read().split()  # word, count, word, count, ...: words hold no whitespace
-        return cls(fields[0::2], np.array(fields[1::2], dtype=np.int64))
+        try:
+            if len(fields) % 2:
+                raise ValueError(f"{len(fields)} fields, not word-count pairs")
+            return cls(fields[0::2], np.array(fields[1::2], dtype=np.int64))
+        except ValueError as e:
+            raise CorpusError(
+                f"{path} is not a vocabulary file written by lm-tying ({e}): it is truncated or was edited. "
+                f"Delete it to rebuild it from the corpus."
+            ) from None
 
 
 def encode_corpus(
