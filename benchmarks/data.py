@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--subsample", type=float, default=1e-3)
     parser.add_argument("--batch_size", type=int, default=4096)
-    parser.add_argument("--large_copies", type=int, default=8, help="copies of the corpus for the large reload figure (0: skip)")
+    parser.add_argument("--large_copies", type=int, default=8, help="copies of the corpus for the large reload (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     corpus = Path(args.corpus)

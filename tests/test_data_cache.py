@@ -47,7 +47,7 @@ def _flip_a_byte(path):
         (lambda cache: (cache / "manifest.json").unlink(), "manifest.json", "missing"),
         (lambda cache: (cache / "manifest.json").write_text('{"format": 2, "fi'), "manifest.json", "unreadable"),
     ],
-    ids=["truncated-tokens", "truncated-vocab", "edited-word", "flipped-byte", "no-tokens", "no-manifest", "bad-manifest"],
+    ids=["short-tokens", "short-vocab", "edited-word", "flipped-byte", "no-tokens", "no-manifest", "bad-manifest"],
 )
 def test_damaged_cache_is_rebuilt_with_a_notice(tmp_path, make_corpus, damage, named, why):
     corpus = make_corpus(num_words=3000)
@@ -121,6 +121,7 @@ def test_corpus_fingerprint_follows_the_words_not_the_file(tmp_path, monkeypatch
     with monkeypatch.context() as patch:  # a cached run takes the fingerprint from the manifest
         patch.setattr(datamodule, "iter_text8_chunks", lambda path: pytest.fail("read the corpus again"))
         assert fingerprint(zipped, vocab_size=5) == expected
-    write_corpus(zipped, text + " again", as_zip=True)
+    longer = text + " again"
+    write_corpus(zipped, longer, as_zip=True)
     os.utime(zipped, ns=(1, 1))  # a new size and mtime: rebuilt, new fingerprint
-    assert fingerprint(zipped, vocab_size=5) == f"sha256:{hashlib.sha256((text + ' again').encode()).hexdigest()}:{len(text) + 6}"
+    assert fingerprint(zipped, vocab_size=5) == f"sha256:{hashlib.sha256(longer.encode()).hexdigest()}:{len(longer)}"

@@ -109,9 +109,9 @@ def test_download_is_tied_to_its_url(tmp_path, text8_zip):
     with _Server({"/a/text8.zip": text8_zip, "/b/text8.zip": b"other bytes"}) as server:
         Text8DataModule(data_dir=str(tmp_path), url=server.url + "/a/text8.zip", vocab_size=4).prepare_data()
         other = Text8DataModule(data_dir=str(tmp_path), url=server.url + "/b/text8.zip", vocab_size=4)
-        with pytest.raises(CorpusError, match=r"text8.zip was downloaded from .*/a/text8.zip, not from .*/b/") as err:
+        with pytest.raises(CorpusError, match=r"text8.zip was downloaded from .*/a/text8.zip, not from .*/b/") as e:
             other.prepare_data()
-        assert "\n" not in str(err.value) and "--data.data_dir" in str(err.value)
+        assert "\n" not in str(e.value) and "--data.data_dir" in str(e.value)
         assert server.requests == ["/a/text8.zip"]
         assert (tmp_path / "text8.zip").read_bytes() == text8_zip, "the existing download must be left alone"
 
@@ -154,13 +154,16 @@ def test_download_without_record_is_adopted_only_when_verifiable(tmp_path, text8
     dest = tmp_path / "text8.zip"
     dest.write_bytes(text8_zip)
     url = "http://127.0.0.1:9/text8.zip"  # nothing listens: reusing the file must not need the network
-    with pytest.raises(CorpusError, match="no record of the URL it was downloaded from: delete it"):
+    with pytest.raises(CorpusError, match="no readable record of the URL it was downloaded from: delete it"):
         download(url, dest)
     with pytest.raises(CorpusError, match="has sha256 .*, expected 0+"):
         download(url, dest, expected_size=len(text8_zip), expected_sha256="0" * 64)
     download(url, dest, expected_size=len(text8_zip), expected_sha256=hashlib.sha256(text8_zip).hexdigest())
     assert json.loads((tmp_path / "text8.zip.source.json").read_text())["url"] == url
     download(url, dest)  # recorded now: reused as any download from this URL
+    (tmp_path / "text8.zip.source.json").write_text('{"url": "' + url + '", "size": "many"}')
+    with pytest.raises(CorpusError, match="no readable record"):
+        download(url, dest)
 
 
 def test_corrupt_zip_served_then_read_is_reported(tmp_path):

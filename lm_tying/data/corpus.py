@@ -111,6 +111,15 @@ def _record_path(dest: Path) -> Path:
     return dest.with_name(f"{dest.name}.source.json")
 
 
+def _read_record(dest: Path) -> dict | None:
+    """The record of where ``dest`` came from, or None when there is none or it is damaged."""
+    record = read_json(_record_path(dest))
+    fields = {"url": str, "size": int, "mtime_ns": int, "sha256": str}
+    if record is None or not all(isinstance(record.get(k), t) for k, t in fields.items()):
+        return None
+    return record
+
+
 def _record(url: str, path: Path, sha256: str) -> dict:
     stat = path.stat()
     return {"url": url, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
@@ -123,25 +132,25 @@ def _check_download(url: str, dest: Path, expected_size: int | None, expected_sh
     since), so reusing it costs a ``stat`` per run. A file without a record (from an older version) is
     adopted only when a known size and hash vouch for it.
     """
-    record = read_json(_record_path(dest))
+    record = _read_record(dest)
     if record is None:
         if expected_size is None and expected_sha256 is None:
             raise CorpusError(
-                f"{dest} has no record of the URL it was downloaded from: delete it to download {url}, or "
-                f"pass it with --data.path to use it as it is."
+                f"{dest} has no readable record of the URL it was downloaded from: delete it to download "
+                f"{url}, or pass it with --data.path to use it as it is."
             )
         record = {"url": url, "size": expected_size, "mtime_ns": None, "sha256": expected_sha256}
-    elif record.get("url") != url:
+    elif record["url"] != url:
         raise CorpusError(
-            f"{dest} was downloaded from {record.get('url')}, not from {url} (--data.url): delete it to "
+            f"{dest} was downloaded from {record['url']}, not from {url} (--data.url): delete it to "
             f"download from {url}, or set another --data.data_dir."
         )
     stat = dest.stat()
     for expected in (expected_size, record.get("size")):
         if expected is not None and stat.st_size != expected:
             raise CorpusError(
-                f"{dest} has {stat.st_size:,} bytes, expected {expected:,}: it is truncated or not the file from "
-                f"{url}. Delete it to download it again."
+                f"{dest} has {stat.st_size:,} bytes, expected {expected:,}: it is truncated or not the file "
+                f"from {url}. Delete it to download it again."
             )
     if stat.st_mtime_ns == record.get("mtime_ns"):
         return

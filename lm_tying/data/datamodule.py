@@ -314,7 +314,7 @@ def _cache_problem(cache: Path, manifest: dict | None, source_identity: dict) ->
     """Why the cache in ``cache`` cannot be used, in words naming the file; None when it can."""
     manifest_file = cache / MANIFEST
     if manifest is None:
-        return f"{manifest_file} is missing or unreadable (a build that did not finish, or an older version's cache)"
+        return f"{manifest_file} is missing or unreadable (a build that did not finish, or an older version)"
     if manifest.get("format") != CACHE_FORMAT:
         return f"{manifest_file} has format {manifest.get('format')}, this version reads {CACHE_FORMAT}"
     if manifest.get("source") != source_identity or not isinstance(manifest.get("corpus_fingerprint"), str):
@@ -329,7 +329,8 @@ def _cache_problem(cache: Path, manifest: dict | None, source_identity: dict) ->
             return f"{path} is missing"
         size = path.stat().st_size
         if size != recorded.get("size"):
-            return f"{path} has {size:,} bytes, its manifest records {recorded.get('size')} (truncated or replaced)"
+            recorded_size = recorded.get("size")
+            return f"{path} has {size:,} bytes, its manifest records {recorded_size} (truncated or replaced)"
         if file_sha256(path) != recorded.get("sha256"):
             return f"{path} does not match the sha256 its manifest records (edited or corrupted)"
     return None
