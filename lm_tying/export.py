@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lm_tying.atomic import atomic_path
+from lm_tying.checkpoint_io import verify_checkpoint
 from lm_tying.models.base import WordEmbeddingModule
 
 
@@ -43,6 +44,7 @@ def load_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {str(path)!r} {what}")
+    verify_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unpicklable content ...
