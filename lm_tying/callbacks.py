@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_tying.atomic import atomic_path
 from lm_tying.export import write_projector_tsv
+from lm_tying.models.base import CheckpointMismatchError
 
 PROJECTOR_CONFIG = "projector_config.pbtxt"
 
@@ -578,13 +579,30 @@ class RunMetadata(Callback):
             if isinstance(logger, TensorBoardLogger):
                 version = logger.version
                 break
-        fingerprint = getattr(getattr(trainer, "datamodule", None), "corpus_fingerprint", None)
+        fingerprint = _corpus_fingerprint(trainer)
         checkpoint["lm_tying_run"] = {
             "run_name": self.run_name,
             "log_version": version,
             "settings": self.settings,
             "corpus_fingerprint": fingerprint,
         }
+
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = (checkpoint.get("lm_tying_run") or {}).get("corpus_fingerprint")
+        current = _corpus_fingerprint(trainer)
+        if saved is not None and current is not None and saved != current:
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on another corpus (fingerprint {saved}, this data's is {current}): "
+                "resume with the corpus the run was trained on (--data.path), or start a new run"
+            )
+
+
+def _corpus_fingerprint(trainer: pl.Trainer) -> Optional[str]:
+    """The data module's ``corpus_fingerprint`` (None when it has none)."""
+    return getattr(getattr(trainer, "datamodule", None), "corpus_fingerprint", None)
 
 
 class DataHyperparameters(Callback):

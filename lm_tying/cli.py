@@ -104,24 +104,34 @@ class LmTyingCLI(LightningCLI):
         self.run_name: str = "run"
         self._resume_log_version: Optional[int | str] = None
         self._run_lock: Optional[RunLock] = None
-        super().__init__(
-            WordEmbeddingModule,
-            Text8DataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            # config.yaml goes into the TensorBoard run, which a resumed fit reuses.
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={
-                "prog": PROG,
-                "description": (
-                    "word2vec and a weight-tied LSTM LM on text8. Extra commands: "
-                    f"`{PROG} export --help`, `{PROG} generate --help`."
-                ),
-            },
-            args=args,
-            run=run,
-        )
+        try:
+            super().__init__(
+                WordEmbeddingModule,
+                Text8DataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                # config.yaml goes into the TensorBoard run, which a resumed fit reuses.
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={
+                    "prog": PROG,
+                    "description": (
+                        "word2vec and a weight-tied LSTM LM on text8. Extra commands: "
+                        f"`{PROG} export --help`, `{PROG} generate --help`."
+                    ),
+                },
+                args=args,
+                run=run,
+            )
+        finally:
+            if run:  # the command has run: the run is free again, also after an error
+                self.release_run_lock()
+
+    def release_run_lock(self) -> None:
+        """Let another process train this run (done when a ``run=True`` command ends; call it after your own fit)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     # ------------------------------------------------------------------------------------------------ parser
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:

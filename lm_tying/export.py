@@ -154,6 +154,12 @@ def export(ckpt_path: str | os.PathLike, output: str | os.PathLike, limit: Optio
     vectors = np.asarray(wv.vectors, dtype=np.float32)
     if limit is not None:
         words, vectors = words[:limit], vectors[:limit]
+    bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad_rows):
+        raise ExportError(
+            f"{str(ckpt_path)!r} holds non-finite vectors ({len(bad_rows):,} of {len(words):,} rows, the first for "
+            f"{words[bad_rows[0]]!r}): it was written by a run that diverged; export an earlier checkpoint"
+        )
     try:
         if kind == "projector":
             return write_projector_tsv(words, vectors, out)

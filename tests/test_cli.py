@@ -37,7 +37,8 @@ def test_fit_writes_run_checkpoints_and_logs(trained, model):
     last, best = load_ckpt(run / "last.ckpt"), load_ckpt(run / "best.ckpt")
     assert last["global_step"] == 12
     assert best["global_step"] in (5, 10)  # validations at steps 5 and 10
-    assert last["lm_tying_run"] == {"run_name": model, "log_version": 0}
+    assert last["lm_tying_run"]["run_name"] == model and last["lm_tying_run"]["log_version"] == 0
+    assert last["lm_tying_run"]["settings"]["trainer.max_steps"] == 12  # what a resume is compared with
     assert len(last["vocabulary"]["words"]) == last["hyper_parameters"]["vocab_size"] == 100  # linked from data
     assert "RandomStateCheckpoint" in last["callbacks"]
     logs = root / "logs" / model / "version_0"
