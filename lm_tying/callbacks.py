@@ -323,9 +323,12 @@ class FiniteGuard(Callback):
         if isinstance(loss, torch.Tensor):
             if self._first_bad_step is None or self._first_bad_step.device != loss.device:
                 self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-            bad = ~torch.isfinite(loss.detach()).all() & (self._first_bad_step < 0)
-            step = torch.full_like(self._first_bad_step, trainer.global_step)  # a fill kernel: no host-device copy
-            self._first_bad_step = torch.where(bad, step, self._first_bad_step)
+            # loss * 0 is 0 when the loss is finite, NaN when not (cheaper than isfinite, a composite of several ops).
+            bad = loss.detach().mul(0).ne(0)
+            if bad.dim():
+                bad = bad.any()
+            first = bad.logical_and_(self._first_bad_step.lt(0))
+            self._first_bad_step.masked_fill_(first, trainer.global_step)  # a scalar fill: no host-device copy
         self._batches += 1
         if self._batches % max(trainer.log_every_n_steps, 1) == 0:
             self._check_loss(trainer, pl_module)
