@@ -77,9 +77,10 @@ RUN_TRAINER_SETTINGS = (
     "gradient_clip_algorithm",
     "precision",
 )
-# Data settings a resume does not compare: where the corpus is (its fingerprint and the vocabulary are compared
-# instead) and num_workers (the skip-gram loader refuses a change that alters the batch order itself).
-DATA_SETTINGS_NOT_COMPARED = ("path", "data_dir", "url", "num_workers")
+# Data settings a resume does not compare: where the corpus is and how its vocabulary is cut (the corpus fingerprint
+# and the vocabulary itself are compared instead), and num_workers (the skip-gram loader refuses a change that
+# alters the batch order itself).
+DATA_SETTINGS_NOT_COMPARED = ("path", "data_dir", "url", "vocab_size", "min_count", "num_workers")
 
 
 class UsageError(Exception):

@@ -112,8 +112,9 @@ BAD_INPUTS = [
         "vocabulary does not match the data",
         False,
     ),
-    ("missing corpus", ["--config", "lm.yaml", "--data.path", "missing.txt"], "missing.txt does not exist", False),
-    ("bad alphabet", ["--config", "lm.yaml", "--data.path", "bad.txt"], "is not in text8 format", True),
+    # (a new run name: run "lm" has a last.ckpt, which a fit without --ckpt_path refuses first)
+    ("missing corpus", ["--config", "lm.yaml", "--run_name", "new", "--data.path", "missing.txt"], "missing.txt does not exist", False),
+    ("bad alphabet", ["--config", "lm.yaml", "--run_name", "new", "--data.path", "bad.txt"], "is not in text8 format", True),
     ("no best.ckpt", ["--config", "lm.yaml", "--run_name", "other", "--ckpt_path", "best"], "does not exist", False),
 ]
 
