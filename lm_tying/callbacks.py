@@ -594,6 +594,8 @@ class RunMetadata(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # evaluating a trained model on other text is fine; continuing its training is not
         saved = (checkpoint.get("lm_tying_run") or {}).get("corpus_fingerprint")
         current = _corpus_fingerprint(trainer)
         if saved is not None and current is not None and saved != current:
