@@ -1,10 +1,13 @@
 """Cross-cutting training behaviour as Lightning callbacks (the models stay free of Trainer logic).
 
 - :class:`EmbeddingProjector`: the most frequent words' vectors + their words for TensorBoard's Projector tab.
-- :class:`LastCheckpoint`: ``<dir>/last.ckpt`` always current: every N steps, at the end of fit, on SIGTERM/Ctrl-C.
+- :class:`LastCheckpoint`: ``<dir>/last.ckpt`` always current: every N steps and every M minutes, at the end of fit,
+  on SIGTERM/Ctrl-C.
+- :class:`FiniteGuard`: stops fit at a non-finite loss, and no checkpoint ever holds non-finite weights.
 - :class:`RandomStateCheckpoint`: global and model-owned random generators travel in checkpoints (exact resume).
 - :class:`GracefulInterrupt`: the first Ctrl-C stops like SIGTERM (finish the step, save, exit); the second aborts.
-- :class:`RunMetadata`: the run name and TensorBoard version in each checkpoint, so a resume logs into the same run.
+- :class:`RunMetadata`: the run name, TensorBoard version, settings and corpus fingerprint in each checkpoint, so a
+  resume logs into the same run and can be checked against the settings it is asked to continue with.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
@@ -28,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_tying.atomic import atomic_path
 from lm_tying.export import write_projector_tsv
+from lm_tying.models.base import CheckpointMismatchError
 
 PROJECTOR_CONFIG = "projector_config.pbtxt"
 
@@ -171,11 +176,16 @@ class LastCheckpoint(ModelCheckpoint):
     steps, so the saved state is a consistent one to resume from. Nothing else is kept (``save_top_k=0``).
     """
 
-    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 1000) -> None:
+    def __init__(
+        self, dirpath: Optional[str] = None, every_n_train_steps: int = 1000, every_n_minutes: Optional[float] = 5.0
+    ) -> None:
         """
         Args:
             dirpath: Directory of ``last.ckpt`` (the CLI uses ``checkpoints/<run name>``).
             every_n_train_steps: Save every this many optimizer steps (0: only at the end and on interrupts).
+            every_n_minutes: Also save when this many minutes of training passed since the last save (Lightning's
+                ``train_time_interval``, which ``ModelCheckpoint`` will not combine with a step interval), so a
+                killed run loses at most that much work whatever its speed; ``None`` or 0: no time-based saves.
         """
         super().__init__(
             dirpath=dirpath,
@@ -185,9 +195,22 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             enable_version_counter=False,
         )
+        self.every_n_minutes = every_n_minutes or 0.0
+        self._last_save_time = time.monotonic()
 
     def _save_last_now(self, trainer: pl.Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_save_time = time.monotonic()
+
+    def _time_due(self, trainer: pl.Trainer) -> bool:
+        if not self.every_n_minutes:
+            return False
+        due = time.monotonic() - self._last_save_time >= 60.0 * self.every_n_minutes
+        # Under DDP every rank must save at the same step (a save is collective): any rank's clock decides for all.
+        return bool(trainer.strategy.reduce_boolean_decision(due, all=False))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_save_time = time.monotonic()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -201,7 +224,7 @@ class LastCheckpoint(ModelCheckpoint):
         # The step that reaches max_steps is saved *here*, mid-epoch: by on_train_end Lightning has already marked
         # the epoch as finished, and a checkpoint taken then would resume at the start of the next epoch.
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        if due or final:
+        if self._time_due(trainer) or due or final:
             self._save_last_now(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -240,6 +263,97 @@ class BestCheckpoint(ModelCheckpoint):
             auto_insert_metric_name=False,
             save_on_train_epoch_end=False,
         )
+
+
+class TrainingDivergedError(Exception):
+    """Training produced a non-finite loss or weights (or a checkpoint holds non-finite weights)."""
+
+
+def nonfinite_entries(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+class FiniteGuard(Callback):
+    """Stops fit at the first non-finite training loss, and lets no checkpoint hold non-finite weights.
+
+    Each training step folds "was this loss finite?" into a flag that stays on the loss's device (a few tiny kernels,
+    no host-device synchronisation); the flag is read every ``trainer.log_every_n_steps`` batches and before every
+    checkpoint is written, which also checks every weight. Either failure raises :class:`TrainingDivergedError`,
+    naming the step and what to change, before the checkpoint reaches the disk, so ``last.ckpt``/``best.ckpt``
+    keep the last finite state. A checkpoint that already holds non-finite weights is refused on load. Relies only on
+    ``training_step`` returning the loss and on the module's parameters, so it serves both models.
+    """
+
+    def __init__(self) -> None:
+        self._first_bad_step: Optional[torch.Tensor] = None  # step of the first non-finite loss; -1 while none
+        self._batches = 0
+
+    def _levers(self, pl_module: pl.LightningModule) -> str:
+        lr = "lower the learning rate (--model.init_args.lr)"
+        if pl_module.automatic_optimization:
+            return f"{lr} or clip gradients (--trainer.gradient_clip_val, e.g. 0.25)"
+        return lr
+
+    def _diverged_at(self, trainer: pl.Trainer) -> Optional[int]:
+        first = self._first_bad_step
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            first = trainer.strategy.reduce(first.clone(), reduce_op="max")  # any rank's divergence stops all
+        step = int(first.item())
+        return step if step >= 0 else None
+
+    def _check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._diverged_at(trainer)
+        if step is not None:
+            raise TrainingDivergedError(
+                f"training diverged: the loss became non-finite at step {step}; no checkpoint after it was written. "
+                f"To continue, {self._levers(pl_module)} and resume from the last checkpoint (--ckpt_path last)"
+            )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            if self._first_bad_step is None or self._first_bad_step.device != loss.device:
+                self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            # loss * 0 is 0 when the loss is finite, NaN when not (cheaper than isfinite, a composite of several ops).
+            bad = loss.detach().mul(0).ne(0)
+            if bad.dim():
+                bad = bad.any()
+            first = bad.logical_and_(self._first_bad_step.lt(0))
+            self._first_bad_step.masked_fill_(first, trainer.global_step)  # a scalar fill: no host-device copy
+        self._batches += 1
+        if self._batches % max(trainer.log_every_n_steps, 1) == 0:
+            self._check_loss(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._check_loss(trainer, pl_module)
+        bad = nonfinite_entries(checkpoint.get("state_dict", {}))
+        if bad:
+            raise TrainingDivergedError(
+                f"training diverged: at step {trainer.global_step} the weights {', '.join(bad)} hold non-finite "
+                f"values; no checkpoint was written. To continue, {self._levers(pl_module)} and resume from the last "
+                "checkpoint (--ckpt_path last)"
+            )
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        bad = nonfinite_entries(checkpoint.get("state_dict", {}))
+        if bad:
+            raise TrainingDivergedError(
+                f"the checkpoint holds non-finite weights ({', '.join(bad)}; written by a run that diverged): resume "
+                "from an earlier checkpoint or start anew"
+            )
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -451,11 +565,14 @@ class GracefulInterrupt(Callback):
 
 
 class RunMetadata(Callback):
-    """Records the run name and the TensorBoard version in every checkpoint (``checkpoint["lm_tying_run"]``), so
-    that ``lm-tying fit --ckpt_path ...`` continues logging into the same TensorBoard run."""
+    """Records in every checkpoint (``checkpoint["lm_tying_run"]``) the run name and the TensorBoard version, so that
+    ``lm-tying fit --ckpt_path ...`` continues logging into the same TensorBoard run; the run's ``settings`` that are
+    not in the model's or the data's hyperparameters (the CLI passes the trainer's run length, seed ...); and the data
+    module's ``corpus_fingerprint``, so that a resume on another corpus is refused."""
 
-    def __init__(self, run_name: str) -> None:
+    def __init__(self, run_name: str, settings: Optional[dict[str, Any]] = None) -> None:
         self.run_name = run_name
+        self.settings = dict(settings or {})
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -465,7 +582,32 @@ class RunMetadata(Callback):
             if isinstance(logger, TensorBoardLogger):
                 version = logger.version
                 break
-        checkpoint["lm_tying_run"] = {"run_name": self.run_name, "log_version": version}
+        fingerprint = _corpus_fingerprint(trainer)
+        checkpoint["lm_tying_run"] = {
+            "run_name": self.run_name,
+            "log_version": version,
+            "settings": self.settings,
+            "corpus_fingerprint": fingerprint,
+        }
+
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # evaluating a trained model on other text is fine; continuing its training is not
+        saved = (checkpoint.get("lm_tying_run") or {}).get("corpus_fingerprint")
+        current = _corpus_fingerprint(trainer)
+        if saved is not None and current is not None and saved != current:
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on another corpus (fingerprint {saved}, this data's is {current}): "
+                "resume with the corpus the run was trained on (--data.path), or start a new run"
+            )
+
+
+def _corpus_fingerprint(trainer: pl.Trainer) -> Optional[str]:
+    """The data module's ``corpus_fingerprint`` (None when it has none)."""
+    return getattr(getattr(trainer, "datamodule", None), "corpus_fingerprint", None)
 
 
 class DataHyperparameters(Callback):

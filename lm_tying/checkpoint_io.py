@@ -11,12 +11,17 @@ complete one, never a truncated file:
 4. ``fsync`` the directory (the rename itself survives a power loss).
 
 Remote URLs (``s3://`` ...) fall back to Lightning's implementation.
+
+Loading verifies the file first (:func:`verify_checkpoint`): a checkpoint is a zip archive whose members carry
+CRC-32s, which ``torch.load`` never checks, so a checkpoint damaged on disk or in a copy would otherwise load
+with wrong weights and no word.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +30,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lm_tying.atomic import TMP_MARKER, atomic_path
+from lm_tying.atomic import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +53,35 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` that never leaves a partially written ``path`` behind (see module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Remove leftovers of writers killed mid-write (any pid): they are never valid checkpoints.
-    for stale in path.parent.glob(f".{path.name}{TMP_MARKER}*"):
-        try:
-            stale.unlink()
-        except OSError:
-            pass
+    remove_stale_temporaries(path)  # leftovers of writers killed mid-write: never valid checkpoints
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     _fsync_dir(path.parent)
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose bytes are not the ones that were written."""
+
+
+def verify_checkpoint(path: _PATH) -> None:
+    """Check every member of a (zip-format) checkpoint against its stored CRC-32; raise naming the file if one fails.
+
+    Files that are not zip archives are left to ``torch.load`` (which rejects them, or reads a legacy format)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        bad = f"unreadable archive: {e}"
+    if bad is not None:
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} is corrupt (member {bad} fails its CRC check): its bytes changed after it was "
+            "written; use another checkpoint (e.g. best.ckpt or a copy) or start the run anew"
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -77,3 +100,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
         log.debug("Saving checkpoint atomically: %s", path)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if _is_local_file_protocol(path) and Path(path).is_file():
+            verify_checkpoint(path)
+        return super().load_checkpoint(path, *args, **kwargs)

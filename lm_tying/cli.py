@@ -13,17 +13,23 @@ What the CLI adds to a plain ``LightningCLI`` (all defaults, all overridable):
 - a *run name* (``--run_name``; default: the config file's stem, else the model class) that decides
   ``checkpoints/<run>/`` and the TensorBoard run ``logs/<run>/version_<n>``;
 - ``TensorBoardLogger`` (hyperparameters recorded), ``checkpoints/<run>/last.ckpt`` every
-  ``--checkpoint.every_n_train_steps`` steps, at the end and on SIGTERM/Ctrl-C, ``best.ckpt`` by
-  ``--checkpoint.monitor``, the embedding projector (``--projector.*``), random state in checkpoints;
-- atomic checkpoint writes (``AtomicCheckpointIO``), so a killed run always leaves a loadable ``last.ckpt``;
+  ``--checkpoint.every_n_train_steps`` steps and ``--checkpoint.every_n_minutes`` minutes, at the end and on
+  SIGTERM/Ctrl-C, ``best.ckpt`` by ``--checkpoint.monitor``, the embedding projector (``--projector.*``), random
+  state in checkpoints;
+- atomic, verified checkpoints (``AtomicCheckpointIO``): a killed run always leaves a loadable ``last.ckpt``, a
+  corrupt one is named on load, and ``FiniteGuard`` stops a diverged run before it saves non-finite weights;
+- one ``fit`` per run at a time (a lock, ``checkpoints/.<run>.lock``), and no ``fit`` silently starting over a run
+  that has a ``last.ckpt`` (``--ckpt_path last`` continues it, ``--overwrite true`` starts anew);
 - ``--ckpt_path last|best`` resolve to ``checkpoints/<run>/{last,best}.ckpt``; a resumed fit logs into the
-  TensorBoard run of the checkpoint;
+  TensorBoard run of the checkpoint, and is refused when the model, data or run settings differ from the
+  checkpoint's, unless ``--accept_changes true``;
 - the vocabulary size linked from the data (``data.num_words`` -> ``model.init_args.vocab_size``);
 - readable one-line errors (and a non-zero exit status) for user errors, instead of tracebacks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -34,19 +40,23 @@ from typing import Any, Optional
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+from lm_tying.atomic import RunLock, RunLockedError
 from lm_tying.callbacks import (
     BestCheckpoint,
     DataHyperparameters,
     EmbeddingProjector,
+    FiniteGuard,
     GracefulInterrupt,
     LastCheckpoint,
     RandomStateCheckpoint,
     RunMetadata,
+    TrainingDivergedError,
 )
 from lm_tying.checkpoint_io import AtomicCheckpointIO
 from lm_tying.data import Text8DataModule
@@ -57,6 +67,21 @@ PROG = "lm-tying"
 EXTRA_COMMANDS = ("export", "generate")
 DEBUG_ENV = "LM_TYING_DEBUG"
 
+# Trainer settings recorded in every checkpoint (the model's and the data's are there as their hyperparameters):
+# a resume that changes one of them changes the run's course (its length, and so the LR schedules, its steps ...).
+RUN_TRAINER_SETTINGS = (
+    "max_steps",
+    "max_epochs",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "precision",
+)
+# Data settings a resume does not compare: where the corpus is and how its vocabulary is cut (the corpus fingerprint
+# and the vocabulary itself are compared instead), and num_workers (the skip-gram loader refuses a change that
+# alters the batch order itself).
+DATA_SETTINGS_NOT_COMPARED = ("path", "data_dir", "url", "vocab_size", "min_count", "num_workers")
+
 
 class UsageError(Exception):
     """A mistake in what the user asked for; reported as one line, exit status 2."""
@@ -66,32 +91,55 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON data (namespaces as dicts, tuples as lists), so a config and a checkpoint compare."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
 class LmTyingCLI(LightningCLI):
     """``LightningCLI`` with the project's defaults (see the module docstring)."""
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
         self.run_name: str = "run"
         self._resume_log_version: Optional[int | str] = None
-        super().__init__(
-            WordEmbeddingModule,
-            Text8DataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            # config.yaml goes into the TensorBoard run, which a resumed fit reuses.
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={
-                "prog": PROG,
-                "description": (
-                    "word2vec and a weight-tied LSTM LM on text8. Extra commands: "
-                    f"`{PROG} export --help`, `{PROG} generate --help`."
-                ),
-            },
-            args=args,
-            run=run,
-        )
+        self._run_lock: Optional[RunLock] = None
+        try:
+            super().__init__(
+                WordEmbeddingModule,
+                Text8DataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                # config.yaml goes into the TensorBoard run, which a resumed fit reuses.
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={
+                    "prog": PROG,
+                    "description": (
+                        "word2vec and a weight-tied LSTM LM on text8. Extra commands: "
+                        f"`{PROG} export --help`, `{PROG} generate --help`."
+                    ),
+                },
+                args=args,
+                run=run,
+            )
+        finally:
+            if run:  # the command has run: the run is free again, also after an error
+                self.release_run_lock()
+
+    def release_run_lock(self) -> None:
+        """Let another process train this run (done when a ``run=True`` command ends; call it after your own fit)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     # ------------------------------------------------------------------------------------------------ parser
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Raise instead of printing the whole usage: main() reports the offending key and the fix in one line.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_words", "model.init_args.vocab_size", apply_on="instantiate")
         parser.add_argument(
@@ -104,6 +152,22 @@ class LmTyingCLI(LightningCLI):
         )
         parser.add_argument("--log_dir", type=str, default="logs", help="Root directory of the TensorBoard logs.")
         parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start the run anew even though checkpoints/<run_name>/last.ckpt exists (its checkpoints are "
+            "replaced as the new run saves). Without it such a fit is refused: continue with --ckpt_path last.",
+        )
+        parser.add_argument(
+            "--accept_changes",
+            type=bool,
+            default=False,
+            help="fit --ckpt_path: continue the run with model, data or trainer settings that differ from the "
+            "checkpoint's (batch size, window, seed, bptt, optimizer, lr, max_steps ...), which changes the run's "
+            "course. Without it such a resume is refused with the list of differences. Settings that cannot "
+            "continue the run (weight shapes, vocabulary, corpus) are refused regardless.",
+        )
+        parser.add_argument(
             "--checkpoint.dir", type=str, default="checkpoints", help="Root directory of the checkpoints."
         )
         parser.add_argument(
@@ -112,6 +176,13 @@ class LmTyingCLI(LightningCLI):
             default=1000,
             help="Write last.ckpt every this many training steps (it is also written at the end of fit and on "
             "SIGTERM/Ctrl-C; 0: only then).",
+        )
+        parser.add_argument(
+            "--checkpoint.every_n_minutes",
+            type=Optional[float],
+            default=5.0,
+            help="Also write last.ckpt when this many minutes of training passed since the last save, so that a "
+            "killed run loses at most that much work however long its steps are (null or 0: no time-based saves).",
         )
         parser.add_argument(
             "--checkpoint.monitor",
@@ -143,6 +214,43 @@ class LmTyingCLI(LightningCLI):
     def _run_checkpoint_dir(self) -> Path:
         return Path(self._subconfig()["checkpoint"]["dir"]) / self.run_name
 
+    def _run_settings(self) -> dict[str, Any]:
+        """The trainer settings and seed this run is asked for (recorded in its checkpoints, compared on resume)."""
+        cfg = self._subconfig()
+        trainer = cfg.get("trainer") or {}
+        settings = {f"trainer.{key}": _plain(trainer.get(key)) for key in RUN_TRAINER_SETTINGS}
+        settings["seed_everything"] = _plain(cfg.get("seed_everything"))
+        return settings
+
+    def _resume_differences(self, checkpoint: dict[str, Any]) -> list[str]:
+        """``key: checkpoint -> requested`` for every setting of the model, the data and the run that differs."""
+        cfg = self._subconfig()
+        saved_run = (checkpoint.get("lm_tying_run") or {}).get("settings") or {}
+        pairs = [
+            ("model", checkpoint.get("hyper_parameters") or {}, _plain(cfg.get("model", {}).get("init_args")) or {}),
+            ("data", checkpoint.get("datamodule_hyper_parameters") or {}, _plain(cfg.get("data", {}).get("init_args")) or {}),
+            ("", saved_run, self._run_settings()),
+        ]
+        skipped = {"model": {"vocab_size"}, "data": set(DATA_SETTINGS_NOT_COMPARED), "": set()}
+        differences = []
+        for group, saved, requested in pairs:
+            for key in sorted(set(saved) & set(requested) - skipped[group]):
+                if key.startswith("_"):
+                    continue
+                old, new = _plain(saved[key]), requested[key]
+                if old != new:
+                    differences.append(f"{group + '.' if group else ''}{key} {old!r} -> {new!r}")
+        return differences
+
+    def _lock_run(self) -> None:
+        """Hold ``checkpoints/.<run>.lock`` for the life of this fit (global rank 0 only: the other ranks of a DDP
+        run are its own processes)."""
+        node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+        if getattr(rank_zero_only, "rank", 0) != 0 or node_rank != 0:
+            return
+        self._run_lock = RunLock(self._run_checkpoint_dir())
+        self._run_lock.acquire()
+
     # ------------------------------------------------------------------------------------------------ ckpt_path
     def _parse_ckpt_path(self) -> None:
         """Resolve ``last``/``best`` to this run's files, refuse a checkpoint of another model *before*
@@ -153,6 +261,8 @@ class LmTyingCLI(LightningCLI):
             return
         self.run_name = self._compute_run_name()
         cfg = self.config[subcommand]
+        if subcommand == "fit":
+            self._lock_run()
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path in ("last", "best"):
             candidate = self._run_checkpoint_dir() / f"{ckpt_path}.ckpt"
@@ -165,6 +275,12 @@ class LmTyingCLI(LightningCLI):
                 raise UsageError(f"--ckpt_path {ckpt_path}: {candidate} does not exist")
             cfg["ckpt_path"] = ckpt_path
         if ckpt_path is None:
+            last = self._run_checkpoint_dir() / "last.ckpt"
+            if subcommand == "fit" and last.is_file() and not cfg.get("overwrite"):
+                raise UsageError(
+                    f"run {self.run_name!r} already has {last}: continue it with --ckpt_path last, or start anew "
+                    "with another --run_name or with --overwrite true (which replaces its checkpoints)"
+                )
             return
         if ckpt_path == "hpc" or str(ckpt_path).startswith(("http://", "https://", "s3://", "gs://")):
             return super()._parse_ckpt_path()
@@ -176,11 +292,24 @@ class LmTyingCLI(LightningCLI):
                 f"{ckpt_path!r} is a {ckpt_class.rsplit('.', 1)[-1]} checkpoint, but the config selects "
                 f"{str(config_class).rsplit('.', 1)[-1]}: use the config the checkpoint was trained with"
             )
+        if subcommand != "fit":
+            del checkpoint
+            # Evaluate the model the checkpoint holds: Lightning takes its hyperparameters over the config's.
+            super()._parse_ckpt_path()
+            return
         run_info = checkpoint.get("lm_tying_run") or {}
-        if subcommand == "fit" and run_info.get("run_name") == self.run_name:
+        if run_info.get("run_name") == self.run_name:
             self._resume_log_version = run_info.get("log_version")
-        del checkpoint
-        super()._parse_ckpt_path()
+        # A resumed fit runs with the settings asked for, never silently with the checkpoint's: any difference is
+        # refused unless accepted (and then listed). Shapes and vocabulary are refused again when the state loads.
+        differences = self._resume_differences(checkpoint)
+        if differences and not cfg.get("accept_changes"):
+            raise UsageError(
+                f"{ckpt_path} was trained with other settings ({'; '.join(differences)}): resume with the run's "
+                "settings, or pass --accept_changes true to continue with the new ones"
+            )
+        if differences:
+            rank_zero_info(f"Resuming {ckpt_path} with changed settings: {'; '.join(differences)}")
 
     # ------------------------------------------------------------------------------------------------ trainer
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -197,13 +326,24 @@ class LmTyingCLI(LightningCLI):
             )
 
         callbacks = list(trainer_cfg.get("callbacks") or [])
-        callbacks += [RunMetadata(self.run_name), RandomStateCheckpoint(), GracefulInterrupt()]
+        callbacks += [
+            RunMetadata(self.run_name, self._run_settings()),
+            RandomStateCheckpoint(),
+            GracefulInterrupt(),
+            FiniteGuard(),
+        ]
         if self.datamodule is not None:
             callbacks.append(DataHyperparameters())
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             user_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
             if not user_ckpt:
-                callbacks.append(LastCheckpoint(str(run_dir), every_n_train_steps=ckpt_cfg["every_n_train_steps"]))
+                callbacks.append(
+                    LastCheckpoint(
+                        str(run_dir),
+                        every_n_train_steps=ckpt_cfg["every_n_train_steps"],
+                        every_n_minutes=ckpt_cfg["every_n_minutes"],
+                    )
+                )
                 if ckpt_cfg.get("monitor"):
                     callbacks.append(BestCheckpoint(str(run_dir), monitor=ckpt_cfg["monitor"]))
         kwargs["callbacks"] = callbacks
@@ -252,9 +392,21 @@ def _generate_main(argv: list[str]) -> int:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.num_words < 1:
+        raise UsageError(f"--num_words {args.num_words}: it must be at least 1")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature}: it must be 0 (greedy) or more")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top_k {args.top_k}: it must be at least 1 (or left out: every word)")
     model = load_model(args.ckpt_path)
     if not callable(getattr(model, "generate", None)):
         raise UsageError(f"{args.ckpt_path!r} holds a {type(model).__name__}, which cannot generate text")
+    unknown = [w for w in dict.fromkeys(args.prompt.lower().split()) if w not in model.vocab]
+    if unknown:
+        print(
+            f"{PROG} generate: warning: not in the model's vocabulary, read as UNK: {', '.join(unknown)}",
+            file=sys.stderr,
+        )
     print(model.generate(args.prompt, args.num_words, args.temperature, args.top_k, args.seed))
     return 0
 
@@ -262,7 +414,11 @@ def _generate_main(argv: list[str]) -> int:
 # Errors that are the user's to fix: reported as one line. Anything else is a bug and keeps its traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
-    ValueError,  # includes CorpusError and CheckpointMismatchError
+    ArgumentError,  # a config mistake, condensed to one line by _config_error
+    RunLockedError,
+    TrainingDivergedError,
+    FloatingPointError,  # a model's own divergence check
+    ValueError,  # includes CorpusError, CheckpointMismatchError and CorruptCheckpointError
     FileNotFoundError,
     IsADirectoryError,
     NotADirectoryError,
@@ -271,8 +427,66 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _is_config_error(error: BaseException) -> bool:
+    """A parser error, or a data/model argument refused at instantiation (jsonargparse wraps it in union noise)."""
+    return isinstance(error, ArgumentError) or "Does not validate against any of the Union subtypes" in str(error)
+
+
 def _is_state_dict_mismatch(error: BaseException) -> bool:
     return str(error).startswith("Error(s) in loading state_dict")
+
+
+def _config_error(message: str, command: str) -> str:
+    """jsonargparse's error for a config mistake (up to dozens of lines, the cause nested in union subtypes) as one
+    line: the offending key, what is wrong, and where to look for the right one."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "invalid configuration"
+    if lines[0].startswith("unrecognized arguments:"):
+        options = lines[0].split(":", 1)[1].strip()
+        return f"unknown option(s) {options}: check the spelling against `{PROG} {command} --help`"
+    keys, reason = [], None
+    for line in lines:
+        key = re.match(r'(?:- )?Parser key "([^"]+)":?\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            if key.group(2):
+                reason = key.group(2)
+                break
+            continue
+        if line.startswith("Subtypes:"):
+            if not keys:  # a value refused by the class itself: name its group
+                keys.append("data" if "DataModule" in line else "model")
+            continue
+        if line.startswith(("Does not validate against", "Errors:", "Given value", "- Expected a <class 'NoneType'>")):
+            continue
+        problem = re.match(r"- Problem with given class_path '([^']+)':", line)
+        if problem:
+            keys.append("init_args")
+            continue
+        option = re.match(r"(?:- )?(?:Option|Key) '?\"?([\w.]+)'?\"? is not (?:accepted|expected)", line)
+        if option:
+            keys.append(option.group(1))
+            reason = "no such option"
+            break
+        unknown = re.match(r"(?:- )?Subcommand '\w+' does not accept option '([\w.]+)'", line)
+        if unknown:
+            keys.append(unknown.group(1))
+            reason = "no such option"
+            break
+        nested = re.match(r"(?:- )?Group '([\w.]+)' does not accept nested key '([\w.]+)'", line)
+        if nested:
+            keys += [nested.group(1), nested.group(2)]
+            reason = "no such option"
+            break
+        reason = line.lstrip("- ")
+        break
+    key = ".".join(k for k in keys if k) or "config"
+    expected = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", reason or "")
+    if expected:
+        reason = f"expected {expected.group(1)}, got {expected.group(2)!r}"
+    fix = "check its spelling" if reason == "no such option" else "give a valid value"
+    return f"{key}: {reason or lines[0]}; {fix} (`{PROG} {command} --help` lists the options)"
 
 
 def _quiet_known_warnings() -> None:
@@ -302,12 +516,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         if os.environ.get(DEBUG_ENV) or (isinstance(e, RuntimeError) and not _is_state_dict_mismatch(e)):
             raise
         where = f" {command}" if command in EXTRA_COMMANDS or command in ("fit", "validate", "test", "predict") else ""
-        message = str(e)
+        message = _config_error(str(e), command or "fit") if _is_config_error(e) else str(e)
         if _is_state_dict_mismatch(e):
             message = f"the checkpoint's weights do not fit this model (written by another version of it?): {message}"
         print(f"{PROG}{where}: error: {message}", file=sys.stderr)
         print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UsageError) else 1)
+        sys.exit(2 if isinstance(e, (UsageError, ArgumentError)) else 1)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lm_tying.atomic import atomic_path
+from lm_tying.checkpoint_io import verify_checkpoint
 from lm_tying.models.base import WordEmbeddingModule
 
 
@@ -43,6 +44,7 @@ def load_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {str(path)!r} {what}")
+    verify_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unpicklable content ...
@@ -152,6 +154,12 @@ def export(ckpt_path: str | os.PathLike, output: str | os.PathLike, limit: Optio
     vectors = np.asarray(wv.vectors, dtype=np.float32)
     if limit is not None:
         words, vectors = words[:limit], vectors[:limit]
+    bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad_rows):
+        raise ExportError(
+            f"{str(ckpt_path)!r} holds non-finite vectors ({len(bad_rows):,} of {len(words):,} rows, the first for "
+            f"{words[bad_rows[0]]!r}): it was written by a run that diverged; export an earlier checkpoint"
+        )
     try:
         if kind == "projector":
             return write_projector_tsv(words, vectors, out)

@@ -49,7 +49,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True
     return proc
 
 
-def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+def popen_cli(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """``lm-tying ARGS`` in the background; ``new_session``: in its own process group (as a job a scheduler or a
+    terminal signals as a whole), so that signalling the group cannot reach pytest."""
     return subprocess.Popen(
         [sys.executable, "-m", "lm_tying.cli", *args],
         cwd=cwd,
@@ -57,6 +59,7 @@ def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
 
 
@@ -171,6 +174,21 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), signum)
 
         cio.torch = _TorchProxy(torn_save)  # only the plugin's module sees it; torch.save itself stays intact
+
+
+class SignalGroupAtStep(Callback):
+    """After training step ``step`` (rank 0), has ``kill -SIG -- -PGID`` signal the whole process group (main process,
+    data-loader workers, DDP ranks) from outside it, as a scheduler or a terminal's Ctrl-C do. From outside matters:
+    torch's workers exit quietly on a SIGTERM sent by their parent, but die of one sent by anyone else. Run the CLI
+    in its own session (``popen_cli(..., new_session=True)``)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            killer = f"import os; os.killpg({os.getpgid(0)}, {self.signum})"
+            subprocess.run([sys.executable, "-c", killer], start_new_session=True, check=True)
 
 
 class _TorchProxy:

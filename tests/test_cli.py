@@ -37,7 +37,8 @@ def test_fit_writes_run_checkpoints_and_logs(trained, model):
     last, best = load_ckpt(run / "last.ckpt"), load_ckpt(run / "best.ckpt")
     assert last["global_step"] == 12
     assert best["global_step"] in (5, 10)  # validations at steps 5 and 10
-    assert last["lm_tying_run"] == {"run_name": model, "log_version": 0}
+    assert last["lm_tying_run"]["run_name"] == model and last["lm_tying_run"]["log_version"] == 0
+    assert last["lm_tying_run"]["settings"]["trainer.max_steps"] == 12  # what a resume is compared with
     assert len(last["vocabulary"]["words"]) == last["hyper_parameters"]["vocab_size"] == 100  # linked from data
     assert "RandomStateCheckpoint" in last["callbacks"]
     logs = root / "logs" / model / "version_0"
@@ -111,8 +112,9 @@ BAD_INPUTS = [
         "vocabulary does not match the data",
         False,
     ),
-    ("missing corpus", ["--config", "lm.yaml", "--data.path", "missing.txt"], "missing.txt does not exist", False),
-    ("bad alphabet", ["--config", "lm.yaml", "--data.path", "bad.txt"], "is not in text8 format", True),
+    # (a new run name: run "lm" has a last.ckpt, which a fit without --ckpt_path refuses first)
+    ("missing corpus", ["--config", "lm.yaml", "--run_name", "new", "--data.path", "missing.txt"], "missing.txt does not exist", False),
+    ("bad alphabet", ["--config", "lm.yaml", "--run_name", "new", "--data.path", "bad.txt"], "is not in text8 format", True),
     ("no best.ckpt", ["--config", "lm.yaml", "--run_name", "other", "--ckpt_path", "best"], "does not exist", False),
 ]
 

@@ -58,7 +58,8 @@ def test_k_steps_then_resume_equals_straight_run(straight, tmp_path, model):
     last = root / "checkpoints/run/last.ckpt"
     assert load_ckpt(last)["global_step"] == 7  # saved at the final step, not only on the 4-step interval
 
-    run_cli(["fit", "--config", str(cfg), "--ckpt_path", str(last)], cwd=root)
+    # Extending the run to N steps is a change of its settings (max_steps), accepted explicitly.
+    run_cli(["fit", "--config", str(cfg), "--ckpt_path", str(last), "--accept_changes", "true"], cwd=root)
     a, b = load_ckpt(straight[model] / "checkpoints/run/last.ckpt"), load_ckpt(last)
     assert a["global_step"] == b["global_step"] == N
     assert_same_state(a["state_dict"], b["state_dict"])
@@ -148,16 +149,28 @@ def test_sigkill_at_an_arbitrary_moment_leaves_a_loadable_last(tmp_path):
 
 
 def test_atomic_save_replaces_and_clears_leftovers(tmp_path):
-    """The write path itself: a leftover of a killed writer is removed, the target is complete after each save."""
+    """The write path itself: a leftover of a dead writer is removed, a live writer's temporary file is left alone,
+    the target is complete after each save."""
+    import subprocess
+    import sys
+
     import torch
 
+    from lm_tying.atomic import temporary_name
     from lm_tying.checkpoint_io import AtomicCheckpointIO
 
     target = tmp_path / "run" / "last.ckpt"
     target.parent.mkdir()
-    (target.parent / ".last.ckpt.tmp-12345").write_bytes(b"half a checkpoint")
-    io = AtomicCheckpointIO()
-    for step in (1, 2):
-        io.save_checkpoint({"global_step": step, "w": torch.full((3,), float(step))}, target)
-        assert load_ckpt(target)["global_step"] == step
-    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a writer that is gone
+    (target.parent / f".last.ckpt.tmp-{dead.pid}-0a1b2c3d").write_bytes(b"half a checkpoint")
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
+        live_tmp = target.parent / f".last.ckpt.tmp-{alive.pid}-0a1b2c3d"  # another process, mid-write
+        live_tmp.write_bytes(b"being written")
+        io = AtomicCheckpointIO()
+        for step in (1, 2):
+            io.save_checkpoint({"global_step": step, "w": torch.full((3,), float(step))}, target)
+            assert load_ckpt(target)["global_step"] == step
+        assert sorted(p.name for p in target.parent.iterdir()) == sorted([live_tmp.name, "last.ckpt"])
+        alive.kill()
+    assert temporary_name(target) != temporary_name(target)  # two saves of one process never share a file

@@ -10,7 +10,10 @@ position inside it to the checkpoint, so a resumed run sees exactly the batches 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -265,6 +268,35 @@ def _round_robin_taken(handed_out: int, lengths: list[int]) -> list[int]:
 
 Position = Callable[[], tuple[int, int]]
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders: SIGTERM and Ctrl-C are the main process's to handle.
+
+    A scheduler (``kill -TERM -- -PGID``, SLURM) and a terminal's Ctrl-C signal every process of the group. A worker
+    killed by them makes torch's SIGCHLD handler raise in the main process, in the middle of the step it finishes or
+    of the ``last.ckpt`` it then saves. Ignoring them, the worker serves batches until the main process, having saved,
+    shuts it down. (The main process blocks these signals while it starts workers, so none lands before this runs;
+    a blocked signal stays pending for the main process.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def _stop_signals_blocked(active: bool) -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back (not lost: delivered on leaving) while worker processes are forked, so that each
+    worker starts with them blocked until :func:`ignore_stop_signals` ignores them."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 class ResumableLoader(DataLoader):
     """A DataLoader over a batch stream that follows the epoch and can start mid-epoch.
@@ -276,6 +308,7 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(self, stream: SkipGramStream | LanguageModelStream, position: Position | None = None, **kwargs):
+        kwargs.setdefault("worker_init_fn", ignore_stop_signals)
         super().__init__(stream, batch_size=None, **kwargs)
         self._position = position
         self._epoch = 0
@@ -293,7 +326,9 @@ class ResumableLoader(DataLoader):
         self._resume = None
         self.dataset.set_position(epoch, start)
         self._epoch, self._handed_out = epoch, start
-        for batch in super().__iter__():
+        with _stop_signals_blocked(self.num_workers > 0):
+            batches = super().__iter__()  # starts the worker processes
+        for batch in batches:
             self._handed_out += 1
             yield batch
 
