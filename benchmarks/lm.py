@@ -87,33 +87,36 @@ class TrainingClock(Callback):
         self.json_path = json_path
         self.tokens = 0
         self.steps = 0
-        self.started = 0.0
-        self.validating = 0.0
-        self.validation_seconds = 0.0
+        self.started = self.started_cpu = 0.0
+        self.validating = self.validating_cpu = 0.0
+        self.validation_seconds = self.validation_cpu_seconds = 0.0
         self.validations: list[dict[str, float]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = time.perf_counter()
+        self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, idx) -> None:
         self.tokens += batch[1].numel()
         self.steps += 1
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.validating = time.perf_counter()
+        self.validating, self.validating_cpu = time.perf_counter(), time.process_time()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.validation_seconds += time.perf_counter() - self.validating
+        self.validation_cpu_seconds += time.process_time() - self.validating_cpu
         if not trainer.sanity_checking:
             self.validations.append({"step": trainer.global_step, "val_ppl": float(trainer.callback_metrics["val/ppl"])})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - self.started - self.validation_seconds
+        cpu_seconds = time.process_time() - self.started_cpu - self.validation_cpu_seconds
         result = {
             "steps": self.steps,
             "tokens": self.tokens,
             "train_seconds": seconds,
             "tokens_per_sec": self.tokens / seconds,
+            "tokens_per_cpu_sec": self.tokens / cpu_seconds,
             "validation_seconds": self.validation_seconds,
             "validations": self.validations,
             "val_ppl": self.validations[-1]["val_ppl"] if self.validations else None,
@@ -219,6 +222,7 @@ def main() -> None:
                     "seed": seed,
                     "val_ppl": result["val_ppl"],
                     "tokens_per_sec": result["tokens_per_sec"],
+                    "tokens_per_cpu_sec": result["tokens_per_cpu_sec"],
                     "steps": result["steps"],
                     "load_before": load_before,
                     "load_after": load_after,
@@ -227,23 +231,28 @@ def main() -> None:
                 }
                 runs.append(run)
                 ppl = "-" if run["val_ppl"] is None else f"{run['val_ppl']:.1f}"
-                print(f"seed {seed} {name:58s} val ppl {ppl:>7s}  {run['tokens_per_sec']:7,.0f} tokens/s  "
+                print(f"seed {seed} {name:58s} val ppl {ppl:>7s}  {run['tokens_per_sec']:7,.0f} tokens/s, "
+                      f"{run['tokens_per_cpu_sec']:7,.0f} per CPU-s of its process  "
                       f"({run['steps']:,} steps; {len(commands)} processes at once; "
                       f"load {load_before:.1f} -> {load_after:.1f})", flush=True)  # fmt: skip
 
     names = ["example"] + [n for n in dict.fromkeys(r["program"] for r in runs) if n != "example"]
     example_tps = {r["seed"]: r["tokens_per_sec"] for r in runs if r["program"] == "example"}
     example_ppl = {r["seed"]: r["val_ppl"] for r in runs if r["program"] == "example"}
-    print(f"\n| program ({len(args.seeds)} seeds: median (min-max)) | val perplexity | training tokens/s | "
-          f"tokens/s / example's, same seed | ppl - example's, same seed |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- |")
+    example_cpu = {r["seed"]: r["tokens_per_cpu_sec"] for r in runs if r["program"] == "example"}
+    print(f"\n| program ({len(args.seeds)} seeds: median (min-max)) | val perplexity | ppl - example's, same seed | "
+          f"training tokens/s | / example's, same seed | tokens per CPU-s | / example's, same seed |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         mine = [r for r in runs if r["program"] == name]
         ratio = [r["tokens_per_sec"] / example_tps[r["seed"]] for r in mine]
         ppl = [r["val_ppl"] for r in mine if r["val_ppl"] is not None]
         delta = [r["val_ppl"] - example_ppl[r["seed"]] for r in mine if r["val_ppl"] is not None]
-        print(f"| {name} | {spread(ppl)} | {spread([r['tokens_per_sec'] for r in mine], 0)} | "
-              f"{spread(ratio, 2)} | {spread(delta, 1) if name != 'example' else '-'} |")  # fmt: skip
+        cpu = [r["tokens_per_cpu_sec"] for r in mine]
+        cpu_ratio = [r["tokens_per_cpu_sec"] / example_cpu[r["seed"]] for r in mine]
+        print(f"| {name} | {spread(ppl)} | {spread(delta, 1) if name != 'example' else '-'} | "
+              f"{spread([r['tokens_per_sec'] for r in mine], 0)} | {spread(ratio, 2)} | {spread(cpu, 0)} | "
+              f"{spread(cpu_ratio, 2)} |")  # fmt: skip
     if all(r["val_ppl"] is not None for r in runs):
         mean = {n: statistics.mean(r["val_ppl"] for r in runs if r["program"] == n) for n in names}
         print("\nmean val perplexity: " + ", ".join(f"{n} {v:.1f}" for n, v in mean.items()))
