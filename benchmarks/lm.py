@@ -137,6 +137,8 @@ def example_command(args: argparse.Namespace, seed: int, out: Path) -> list[str]
     command += ["--data_dir", args.data_dir, "--seed", str(seed), "--threads", str(args.threads), "--json", str(out)]
     if args.max_steps:
         command += ["--max_steps", str(args.max_steps)]
+    if args.skip_validation:
+        command += ["--no_eval"]
     return command
 
 
@@ -147,6 +149,8 @@ def cli_command(args: argparse.Namespace, seed: int, out: Path, root: Path, extr
     command += ["--trainer.callbacks+=benchmarks.lm.TrainingClock", f"--trainer.callbacks.json_path={out}"]
     if args.max_steps:
         command += ["--trainer.limit_train_batches", str(args.max_steps)]  # a shorter epoch, validated at its end
+    if args.skip_validation:
+        command += ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
     return command + list(args.cli_args) + extra
 
 
@@ -184,6 +188,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each program (OMP_NUM_THREADS)")
     parser.add_argument("--nice", type=int, default=2, help="niceness of every program")
     parser.add_argument("--max_steps", type=int, default=None, help="cut the epoch to this many steps (validated at its end)")
+    parser.add_argument("--skip_validation", action="store_true", help="speed only: no validation perplexity")
     parser.add_argument("--all_at_once", action="store_true", help="run every seed at the same time")
     parser.add_argument("--variants", action="store_true", help="also run the CLI with one setting changed each")
     parser.add_argument("--cli_args", nargs=argparse.REMAINDER, default=[], help="more CLI overrides (last)")
@@ -220,7 +225,7 @@ def main() -> None:
                 run = {
                     "program": name,
                     "seed": seed,
-                    "val_ppl": result["val_ppl"],
+                    "val_ppl": None if args.skip_validation else result["val_ppl"],
                     "tokens_per_sec": result["tokens_per_sec"],
                     "tokens_per_cpu_sec": result["tokens_per_cpu_sec"],
                     "steps": result["steps"],

@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--untied", action="store_true", help="give the decoder its own matrix")
     parser.add_argument("--seed", type=int, default=1111)
     parser.add_argument("--max_steps", type=int, default=None, help="cut each epoch after this many batches")
+    parser.add_argument("--no_eval", action="store_true", help="speed only: skip the validation")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -169,7 +170,7 @@ def main() -> None:
             min(args.bptt, train_data.size(0) - 1 - i) * args.batch_size
             for i in range(0, steps * args.bptt, args.bptt)
         )
-        val_loss = evaluate(model, val_data, args)
+        val_loss = math.nan if args.no_eval else evaluate(model, val_data, args)
         epochs.append(
             {
                 "epoch": epoch,
@@ -182,7 +183,7 @@ def main() -> None:
                 "val_ppl": math.exp(val_loss),
             }
         )
-        if best_val_loss is None or val_loss < best_val_loss:
+        if best_val_loss is None or val_loss < best_val_loss or args.no_eval:
             best_val_loss = val_loss
         else:
             lr /= 4.0
