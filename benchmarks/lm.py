@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/lstm_lm.yaml", help="the CLI's config; sizes are overridden")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each program (OMP_NUM_THREADS)")
-    parser.add_argument("--nice", type=int, default=2, help="niceness of every program")
+    parser.add_argument("--nice", type=int, default=1, help="niceness of every program")
     parser.add_argument("--max_steps", type=int, default=None, help="cut the epoch to this many steps (validated at its end)")
     parser.add_argument("--skip_validation", action="store_true", help="speed only: no validation perplexity")
     parser.add_argument("--all_at_once", action="store_true", help="run every seed at the same time")
