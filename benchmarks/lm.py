@@ -1,320 +1,272 @@
-"""LSTM language model figures: Lightning overhead, tokens/s, and tied vs untied at equal wall time.
+"""The tied LM through ``lm-tying fit`` against the PyTorch word_language_model example's program.
 
-    python benchmarks/lm.py --corpus ../shared/data/text8-head.zip
+    python benchmarks/lm.py --corpus ../shared/data/text8-head.zip --seeds 0 1 2            # one epoch each
+    python benchmarks/lm.py --corpus ../shared/data/text8-head.zip --seeds 0 --max_steps 300 --variants
+    python benchmarks/lm.py --help
 
-Defaults reproduce the PyTorch word_language_model example's network and batches (2-layer LSTM,
-200/200, dropout 0.2, batch 20, bptt 35, SGD lr 20, clipping 0.25) on text8-head with a 10,000-word
-vocabulary and a 90/5/5 split. Two parts:
+Both programs train the example's network and recipe on identical data: text8-head, vocabulary UNK +
+the 9,999 most frequent words, contiguous 90/5/5 split, batch 20, bptt 35, 2 x LSTM 200/200, dropout
+0.2, SGD lr 20, clipping 0.25, tied, one epoch:
 
-1. Throughput. The same ``LSTMLanguageModel`` (same weights, same batches from the same data module)
-   trained by ``lightning.Trainer`` and by a plain PyTorch loop written like the example's
-   ``train()`` (detach the state, zero_grad, forward, cross-entropy, backward, clip_grad_norm_, step).
-   The runs alternate (plain, Lightning, Lightning, plain, ...) so that load from other processes hits
-   both alike; the best round of each is compared, and the median tokens per CPU-second of this process
-   (steadier when other processes share the CPU). Target: Lightning / plain >= 0.95.
-   The example's own figure on this 2-core CPU is about 7,400 tokens/s.
-2. Quality at equal cost. The tied and the untied model (same sizes, same seed, same recipe) each train
-   for ``--budget`` seconds of wall time through Lightning, then are evaluated on the whole validation
-   split (token-weighted perplexity). Target: tied perplexity below untied, with fewer parameters.
+- ``example``: ``benchmarks/lm_example.py``, a re-implementation of the example's own program (its
+  ``RNNModel``, ``train()``, ``evaluate()``) reading the token ids of ``Text8DataModule``;
+- ``cli``: ``python -m lm_tying.cli fit --config configs/lstm_lm.yaml`` with the example's sizes on
+  the command line, as a user runs it, plus one callback (``TrainingClock`` below, no per-step work
+  beyond counting tokens) that records the training time and the validation perplexities.
 
-Timings on a shared machine are noisy; ratios measured in the same run are the meaningful figures.
+For every seed the two programs run at the same time (``--all_at_once``: every seed's too), each in its own process with the same number of
+torch threads (``--threads``, default 1) and the same niceness, so that load from other work on the
+machine hits both alike; the load average is recorded before and after. Training tokens/s is the
+tokens of the epoch over its training wall time (evaluation excluded; data loading, logging and
+checkpoints included). ``--variants`` adds runs of the CLI with one setting changed each, to show
+where the CLI path spends its time. Results: one line per run, then the table (median and range over
+seeds), and ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 
-from lm_tying.data import Text8DataModule
-from lm_tying.models.lstm_lm import LSTMLanguageModel
+REPO = Path(__file__).resolve().parents[1]
 
-REFERENCE_TOKENS_PER_SEC = 7_400  # PyTorch word_language_model example, 2-layer 200/200 tied, this 2-core CPU
+# The example's network and recipe, as overrides of the LM config (whatever the config's sizes are).
+EXAMPLE_ARGS = [
+    "--data.vocab_size", "10000",
+    "--data.batch_size", "20",
+    "--data.bptt", "35",
+    "--data.eval_batch_size", "10",
+    "--data.split", "[0.9, 0.05, 0.05]",
+    "--model.init_args.embedding_dim", "200",
+    "--model.init_args.hidden_dim", "200",
+    "--model.init_args.num_layers", "2",
+    "--model.init_args.tie_weights", "true",
+    "--model.init_args.dropout_embedding", "0.2",
+    "--model.init_args.dropout_lstm", "0.2",
+    "--model.init_args.dropout_output", "0.2",
+    "--model.init_args.optimizer", "sgd",
+    "--model.init_args.lr", "20",
+    "--trainer.gradient_clip_val", "0.25",
+    "--trainer.accelerator", "cpu",
+    "--trainer.max_epochs", "1",
+]  # fmt: skip
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_model(args: argparse.Namespace, vocab_size: int, tie: bool) -> LSTMLanguageModel:
-    torch.manual_seed(args.seed)
-    return LSTMLanguageModel(
-        vocab_size,
-        embedding_dim=args.embedding_dim,
-        hidden_dim=args.hidden_dim,
-        num_layers=args.num_layers,
-        tie_weights=tie,
-        dropout_embedding=args.dropout,
-        dropout_lstm=args.dropout,
-        dropout_output=args.dropout,
-        optimizer="sgd",
-        lr=args.lr,
-        compile=args.compile,
-        sample_prompts=None,
-    )
-
-
-def trainer_kwargs(args: argparse.Namespace, root: Path, **overrides: Any) -> dict[str, Any]:
-    """A lean but ordinary Trainer: TensorBoard logging every 50 steps, no progress bar, no checkpoints."""
-    kwargs: dict[str, Any] = dict(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        gradient_clip_val=0.25,
-        logger=TensorBoardLogger(root, name="bench", default_hp_metric=False),
-        log_every_n_steps=50,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    kwargs.update(overrides)
-    return kwargs
+# One setting changed at a time (--variants): where does the CLI path spend its time?
+VARIANTS: dict[str, list[str]] = {
+    "cli, num_workers 0": ["--data.num_workers", "0"],
+    "cli, no progress bar": ["--trainer.enable_progress_bar", "false"],
+    "cli, lean (workers 0, no bar, no samples, no checkpoints)": [
+        "--data.num_workers", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.sample_prompts", "null",
+        "--trainer.enable_checkpointing", "false",
+    ],
+}  # fmt: skip
 
 
-# ---------------------------------------------------------------------- part 1: throughput
+class TrainingClock(Callback):
+    """Training wall time of the fit (validation excluded), tokens trained, and every validation's val/ppl.
 
+    Loaded by the CLI run by class path (``--trainer.callbacks+=benchmarks.lm.TrainingClock``); writes
+    ``json_path`` when the fit ends.
+    """
 
-class WindowTimer(Callback):
-    """Wall time of training steps [warmup, warmup + steps), measured like the plain loop's window."""
-
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps = warmup, steps
-        self.start: float | None = None
-        self.cpu_start = 0.0
-        self.elapsed = self.cpu = 0.0
+    def __init__(self, json_path: str) -> None:
+        self.json_path = json_path
         self.tokens = 0
+        self.steps = 0
+        self.started = self.started_cpu = 0.0
+        self.validating = self.validating_cpu = 0.0
+        self.validation_seconds = self.validation_cpu_seconds = 0.0
+        self.validations: list[dict[str, float]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.global_step == self.warmup:
-            synchronize(pl_module.device)
-            self.start, self.cpu_start = time.perf_counter(), time.process_time()
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        if self.start is None:
-            return
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, idx) -> None:
         self.tokens += batch[1].numel()
-        if trainer.global_step == self.warmup + self.steps:
-            synchronize(pl_module.device)
-            self.elapsed = time.perf_counter() - self.start
-            self.cpu = time.process_time() - self.cpu_start
+        self.steps += 1
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validating, self.validating_cpu = time.perf_counter(), time.process_time()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validation_seconds += time.perf_counter() - self.validating
+        self.validation_cpu_seconds += time.process_time() - self.validating_cpu
+        if not trainer.sanity_checking:
+            self.validations.append({"step": trainer.global_step, "val_ppl": float(trainer.callback_metrics["val/ppl"])})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - self.started - self.validation_seconds
+        cpu_seconds = time.process_time() - self.started_cpu - self.validation_cpu_seconds
+        result = {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "train_seconds": seconds,
+            "tokens_per_sec": self.tokens / seconds,
+            "tokens_per_cpu_sec": self.tokens / cpu_seconds,
+            "validation_seconds": self.validation_seconds,
+            "validations": self.validations,
+            "val_ppl": self.validations[-1]["val_ppl"] if self.validations else None,
+        }
+        Path(self.json_path).write_text(json.dumps(result, indent=2))
 
 
-def lightning_tokens_per_sec(args: argparse.Namespace, data: Text8DataModule, root: Path) -> tuple[float, float]:
-    """Tokens per wall-clock second and per CPU second of this process."""
-    model = make_model(args, data.num_words, tie=True)
-    timer = WindowTimer(args.warmup, args.steps)
-    trainer = L.Trainer(**trainer_kwargs(args, root, max_steps=args.warmup + args.steps, callbacks=[timer]))
-    trainer.fit(model, data)
-    return timer.tokens / timer.elapsed, timer.tokens / timer.cpu
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
 
 
-def plain_tokens_per_sec(
-    args: argparse.Namespace, data: Text8DataModule, device: torch.device
-) -> tuple[float, float]:
-    """The example's training loop over the same module and the same batches."""
-    model = make_model(args, data.num_words, tie=True).to(device)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
-    hidden = None
-    tokens, start, cpu_start = 0, None, 0.0
-    for step, (inputs, targets) in enumerate(data.train_dataloader()):
-        if step == args.warmup:
-            synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-        elif step == args.warmup + args.steps:
-            break
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if hidden is not None:
-            hidden = (hidden[0].detach(), hidden[1].detach())
-        optimizer.zero_grad()
-        with autocast:
-            logits, hidden = model(inputs, hidden)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        optimizer.step()
-        if start is not None:
-            tokens += targets.numel()
-    synchronize(device)
-    if start is None or step < args.warmup + args.steps:
-        raise SystemExit(f"the training split has fewer than {args.warmup + args.steps} batches: lower --steps")
-    return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu_start)
+def example_command(args: argparse.Namespace, seed: int, out: Path) -> list[str]:
+    command = [sys.executable, str(REPO / "benchmarks/lm_example.py"), "--corpus", args.corpus]
+    command += ["--data_dir", args.data_dir, "--seed", str(seed), "--threads", str(args.threads), "--json", str(out)]
+    if args.max_steps:
+        command += ["--max_steps", str(args.max_steps)]
+    if args.skip_validation:
+        command += ["--no_eval"]
+    return command
 
 
-# ---------------------------------------------------------------------- part 2: tied vs untied
+def cli_command(args: argparse.Namespace, seed: int, out: Path, root: Path, extra: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "lm_tying.cli", "fit", "--config", str(REPO / args.config)]
+    command += ["--data.path", args.corpus, "--data.data_dir", args.data_dir, "--seed_everything", str(seed)]
+    command += EXAMPLE_ARGS + ["--log_dir", str(root / "logs"), "--checkpoint.dir", str(root / "checkpoints")]
+    command += ["--trainer.callbacks+=benchmarks.lm.TrainingClock", f"--trainer.callbacks.json_path={out}"]
+    if args.max_steps:
+        command += ["--trainer.limit_train_batches", str(args.max_steps)]  # a shorter epoch, validated at its end
+    if args.skip_validation:
+        command += ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
+    return command + list(args.cli_args) + extra
 
 
-def train_for_budget(args: argparse.Namespace, data: Text8DataModule, root: Path, tie: bool) -> dict[str, Any]:
-    model = make_model(args, data.num_words, tie=tie)
-    if args.budget_steps:
-        limit: dict[str, Any] = {"max_steps": args.budget_steps}
-    else:
-        limit = {"max_time": {"seconds": int(args.budget)}, "max_epochs": 1000}
-    trainer = L.Trainer(**trainer_kwargs(args, root, **limit))
-    started = time.perf_counter()
-    trainer.fit(model, data)
-    trained = time.perf_counter() - started
-    [result] = L.Trainer(**trainer_kwargs(args, root, limit_val_batches=None, logger=False)).validate(
-        model, data, verbose=False
-    )
-    return {
-        "tied": tie,
-        "parameters": model.num_parameters(),
-        "steps": trainer.global_step,
-        "tokens": trainer.global_step * data.batch_size * data.bptt,
-        "train_seconds": round(trained, 1),
-        "val_loss": result["val/loss"],
-        "val_ppl": result["val/ppl"],
-    }
+def run_together(commands: dict[str, list[str]], args: argparse.Namespace, logs: Path) -> None:
+    """Start every command at once (niced, same threads); wait for all; fail loudly with a log's tail."""
+    procs = {}
+    for name, command in commands.items():
+        log = open(logs / f"{abs(hash(name))}.log", "w")
+        procs[name] = (subprocess.Popen(["nice", "-n", str(args.nice), *command], cwd=logs, env=child_env(args.threads),
+                                        stdout=log, stderr=subprocess.STDOUT), log)  # fmt: skip
+    for name, (proc, log) in procs.items():
+        proc.wait()
+        log.close()
+        if proc.returncode != 0:
+            tail = Path(log.name).read_text()[-3000:]
+            raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{tail}")
 
 
-# ---------------------------------------------------------------------- main
+def spread(values: list[float], digits: int = 1) -> str:
+    """``median (min-max)`` of a list."""
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True, help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
-    parser.add_argument("--data_dir", default="data", help="cache of the encoded corpus")
-    parser.add_argument("--vocab_size", type=int, default=10_000)
-    parser.add_argument("--embedding_dim", type=int, default=200)
-    parser.add_argument("--hidden_dim", type=int, default=200)
-    parser.add_argument("--num_layers", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--lr", type=float, default=20.0)
-    parser.add_argument("--batch_size", type=int, default=20)
-    parser.add_argument("--bptt", type=int, default=35)
-    parser.add_argument("--warmup", type=int, default=10, help="steps before the timed window")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per throughput run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating plain/Lightning throughput rounds")
-    parser.add_argument("--budget", type=float, default=150, help="training seconds for each of tied and untied")
-    parser.add_argument(
-        "--budget_steps", type=int, default=None, help="train each this many steps instead (equal tokens)"
-    )
-    parser.add_argument("--skip_throughput", action="store_true")
-    parser.add_argument("--skip_quality", action="store_true")
-    parser.add_argument("--accelerator", default="cpu", help="cpu, cuda/gpu or auto")
-    parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the forward in both paths")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--data_dir", default=str(REPO / "data"), help="cache of the encoded corpus (shared by both)")
+    parser.add_argument("--config", default="configs/lstm_lm.yaml", help="the CLI's config; sizes are overridden")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each program (OMP_NUM_THREADS)")
+    parser.add_argument("--nice", type=int, default=1, help="niceness of every program")
+    parser.add_argument("--max_steps", type=int, default=None, help="cut the epoch to this many steps (validated at its end)")
+    parser.add_argument("--skip_validation", action="store_true", help="speed only: no validation perplexity")
+    parser.add_argument("--all_at_once", action="store_true", help="run every seed at the same time")
+    parser.add_argument("--variants", action="store_true", help="also run the CLI with one setting changed each")
+    parser.add_argument("--cli_args", nargs=argparse.REMAINDER, default=[], help="more CLI overrides (last)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = parser.parse_args()
+    args.corpus = str(Path(args.corpus).resolve())
+    args.data_dir = str(Path(args.data_dir).resolve())
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    wants_gpu = args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if wants_gpu else "cpu")
-    data = Text8DataModule(
-        path=args.corpus,
-        data_dir=args.data_dir,
-        vocab_size=args.vocab_size,
-        split=(0.9, 0.05, 0.05),
-        mode="lm",
-        batch_size=args.batch_size,
-        bptt=args.bptt,
-        eval_batch_size=10,
-        num_workers=0,
-    )
-    data.prepare_data()
-    data.setup("fit")
-    train_tokens = len(data.split_tokens("train"))
-    print(
-        f"corpus {args.corpus}: {len(data.tokens):,} tokens, vocabulary {data.num_words:,}, "
-        f"train {train_tokens:,} tokens = {train_tokens // (args.batch_size * args.bptt):,} batches of "
-        f"{args.batch_size} x {args.bptt}; network {args.num_layers} x LSTM {args.embedding_dim}/{args.hidden_dim}, "
-        f"device {device}, precision {args.precision}, torch threads {torch.get_num_threads()}"
-    )
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.5:
-        # Other processes on the CPU: with more threads than free cores, OpenMP threads spin and wait on
-        # each other, and every figure (plain and Lightning alike) collapses; --threads 1 is steadier.
-        print(f"note: load average {load:.1f} on {cores} cores before starting: timings are shared with other work")
-    figures: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.threads} torch thread(s) per program, "
+          f"nice {args.nice}; {'one epoch' if not args.max_steps else f'{args.max_steps} steps'} per run")  # fmt: skip
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if not args.skip_throughput:
-            plain, lightning, plain_cpu, lightning_cpu = [], [], [], []
-            for r in range(args.rounds):
-                # The order alternates too, so that neither path always runs on a warmer process.
-                for path in ("plain", "lightning") if r % 2 == 0 else ("lightning", "plain"):
-                    if path == "plain":
-                        wall, cpu = plain_tokens_per_sec(args, data, device)
-                        plain.append(wall)
-                        plain_cpu.append(cpu)
-                    else:
-                        wall, cpu = lightning_tokens_per_sec(args, data, root)
-                        lightning.append(wall)
-                        lightning_cpu.append(cpu)
-                print(
-                    f"  round {r + 1}: plain {plain[-1]:,.0f} tokens/s ({plain_cpu[-1]:,.0f} per CPU-s), "
-                    f"Lightning {lightning[-1]:,.0f} tokens/s ({lightning_cpu[-1]:,.0f} per CPU-s)"
-                )
-            best_plain, best_lightning = max(plain), max(lightning)
-            ratio = best_lightning / best_plain
-            cpu_ratio = statistics.median(lightning_cpu) / statistics.median(plain_cpu)
-            figures["throughput"] = {
-                "plain_tokens_per_sec": plain,
-                "lightning_tokens_per_sec": lightning,
-                "plain_tokens_per_cpu_sec": plain_cpu,
-                "lightning_tokens_per_cpu_sec": lightning_cpu,
-                "best_plain": best_plain,
-                "best_lightning": best_lightning,
-                "ratio": ratio,
-                "median_ratio": statistics.median(lightning) / statistics.median(plain),
-                "cpu_time_ratio": cpu_ratio,
-                "reference_example": REFERENCE_TOKENS_PER_SEC,
-            }
-            print(
-                f"THROUGHPUT ({args.rounds} rounds of {args.steps} steps x {args.batch_size * args.bptt} tokens): "
-                f"Lightning / plain PyTorch = {figures['throughput']['median_ratio']:.3f} (median of rounds; "
-                f"target >= 0.95), {ratio:.3f} best of rounds, {cpu_ratio:.3f} per CPU-second of this process "
-                f"(the steadiest when other processes share the CPU). Best: plain {best_plain:,.0f} tokens/s, "
-                f"Lightning {best_lightning:,.0f} tokens/s; the PyTorch example's reference on this CPU is "
-                f"{REFERENCE_TOKENS_PER_SEC:,} tokens/s -> Lightning at "
-                f"{best_lightning / REFERENCE_TOKENS_PER_SEC:.2f}x"
-            )
+        groups = [args.seeds] if args.all_at_once else [[seed] for seed in args.seeds]
+        for seeds in groups:
+            programs = {"cli": []} | (VARIANTS if args.variants else {})
+            outputs, commands = {}, {}
+            for seed in seeds:
+                outputs[seed, "example"] = root / f"example-{seed}.json"
+                commands[f"example, seed {seed}"] = example_command(args, seed, outputs[seed, "example"])
+                for i, (name, extra) in enumerate(programs.items()):
+                    outputs[seed, name] = root / f"cli{i}-{seed}.json"
+                    commands[f"{name}, seed {seed}"] = cli_command(
+                        args, seed, outputs[seed, name], root / f"cli{i}-{seed}", extra
+                    )
+            load_before = os.getloadavg()[0]
+            started = time.perf_counter()
+            run_together(commands, args, root)
+            load_after = os.getloadavg()[0]
+            for (seed, name), path in outputs.items():
+                result = json.loads(path.read_text())
+                if name == "example":
+                    result = result["epochs"][0]
+                run = {
+                    "program": name,
+                    "seed": seed,
+                    "val_ppl": None if args.skip_validation else result["val_ppl"],
+                    "tokens_per_sec": result["tokens_per_sec"],
+                    "tokens_per_cpu_sec": result["tokens_per_cpu_sec"],
+                    "steps": result["steps"],
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "wall_seconds": time.perf_counter() - started,
+                    "processes_at_once": len(commands),
+                }
+                runs.append(run)
+                ppl = "-" if run["val_ppl"] is None else f"{run['val_ppl']:.1f}"
+                print(f"seed {seed} {name:58s} val ppl {ppl:>7s}  {run['tokens_per_sec']:7,.0f} tokens/s, "
+                      f"{run['tokens_per_cpu_sec']:7,.0f} per CPU-s of its process  "
+                      f"({run['steps']:,} steps; {len(commands)} processes at once; "
+                      f"load {load_before:.1f} -> {load_after:.1f})", flush=True)  # fmt: skip
 
-        if not args.skip_quality:
-            runs = [train_for_budget(args, data, root, tie) for tie in (True, False)]
-            figures["quality"] = runs
-            if args.budget_steps:
-                budget = f"equal steps ({args.budget_steps:,} each)"
-            else:
-                budget = f"equal wall time ({args.budget:.0f} s of training each)"
-            print(f"QUALITY at {budget}, validation split:")
-            for run in runs:
-                print(
-                    f"  {'tied  ' if run['tied'] else 'untied'}: {run['parameters']:,} parameters, "
-                    f"{run['steps']:,} steps ({run['tokens']:,} tokens) in {run['train_seconds']} s, "
-                    f"val loss {run['val_loss']:.4f}, val perplexity {run['val_ppl']:.1f}"
-                )
-            tied, untied = runs
-            print(
-                f"  tied - untied perplexity: {tied['val_ppl'] - untied['val_ppl']:+.1f} "
-                f"(target < 0), parameters saved: {untied['parameters'] - tied['parameters']:,}"
-            )
-
+    names = ["example"] + [n for n in dict.fromkeys(r["program"] for r in runs) if n != "example"]
+    example_tps = {r["seed"]: r["tokens_per_sec"] for r in runs if r["program"] == "example"}
+    example_ppl = {r["seed"]: r["val_ppl"] for r in runs if r["program"] == "example"}
+    example_cpu = {r["seed"]: r["tokens_per_cpu_sec"] for r in runs if r["program"] == "example"}
+    print(f"\n| program ({len(args.seeds)} seeds: median (min-max)) | val perplexity | ppl - example's, same seed | "
+          f"training tokens/s | / example's, same seed | tokens per CPU-s | / example's, same seed |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        mine = [r for r in runs if r["program"] == name]
+        ratio = [r["tokens_per_sec"] / example_tps[r["seed"]] for r in mine]
+        ppl = [r["val_ppl"] for r in mine if r["val_ppl"] is not None]
+        delta = [r["val_ppl"] - example_ppl[r["seed"]] for r in mine if r["val_ppl"] is not None]
+        cpu = [r["tokens_per_cpu_sec"] for r in mine]
+        cpu_ratio = [r["tokens_per_cpu_sec"] / example_cpu[r["seed"]] for r in mine]
+        print(f"| {name} | {spread(ppl)} | {spread(delta, 1) if name != 'example' else '-'} | "
+              f"{spread([r['tokens_per_sec'] for r in mine], 0)} | {spread(ratio, 2)} | {spread(cpu, 0)} | "
+              f"{spread(cpu_ratio, 2)} |")  # fmt: skip
+    if all(r["val_ppl"] is not None for r in runs):
+        mean = {n: statistics.mean(r["val_ppl"] for r in runs if r["program"] == n) for n in names}
+        print("\nmean val perplexity: " + ", ".join(f"{n} {v:.1f}" for n, v in mean.items()))
+    loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
+    print(f"load average during the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        args.json.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2, default=str))
+    if any(r["val_ppl"] is not None and math.isnan(r["val_ppl"]) for r in runs):
+        raise SystemExit("a run ended with a NaN perplexity")
 
 
 if __name__ == "__main__":

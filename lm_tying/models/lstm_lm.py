@@ -212,7 +212,9 @@ class LSTMLanguageModel(WordEmbeddingModule):
     def _forward(self, inputs: Tensor, hidden: Hidden | None) -> tuple[Tensor, Hidden]:
         x = self.dropout_embedding(self.embedding(inputs))
         x, hidden = self.lstm(x, hidden)
-        x = self.dropout_output(x)
+        # The batch-first LSTM returns a transposed view. Made contiguous (a small B*T x H copy), the
+        # decoder adds its bias inside the matrix product (addmm) instead of in a pass over the logits.
+        x = self.dropout_output(x.contiguous())
         if self.projection is not None:
             x = self.projection(x)
         return self.decoder(x), hidden
