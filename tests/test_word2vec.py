@@ -451,3 +451,24 @@ def test_configs_instantiate(name):
         assert (data.vocab_size, data.batch_size, data.window, data.dynamic_window, data.subsample) == (
             50000, 128, 1, False, None)  # fmt: skip
         assert cfg["trainer"]["max_steps"] == 100_000
+
+
+def test_step_per_update_carries_many_updates_with_the_same_maths_and_loss_table(tmp_path, make_corpus, capsys):
+    """Small updates (the tutorial's have 128 pairs), ten to a loader batch with step_per_update: the same steps, the same
+    "Average loss at step N" lines and the same tables as one small batch per step (across an epoch's end)."""
+    corpus = make_corpus(planted_corpus(1500))
+    tutorial = dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, lr=1.0, reduction="mean",
+                    init="tutorial", average_loss_every=14)  # fmt: skip
+    run = dict(max_steps=140, max_epochs=None, limit_val_batches=0)
+    one, trainer_one, dm = fit(tmp_path / "one", corpus, tutorial, data_kw=dict(batch_size=64), trainer_kw=run)
+    table_one = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Average loss")]
+    many, trainer_many, _ = fit(tmp_path / "many", corpus, {**tutorial, "update_pairs": 64, "step_per_update": True},
+                                data_kw=dict(batch_size=640), trainer_kw=run)  # fmt: skip
+    table_many = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Average loss")]
+    assert dm.train_dataloader().dataset.pairs_per_epoch < 140 * 64  # the run crosses an epoch's end
+    assert trainer_one.global_step == trainer_many.global_step == 140
+    assert len(table_one) == 10 and table_many == table_one
+    torch.testing.assert_close(many.embedding, one.embedding, rtol=0, atol=0)
+    torch.testing.assert_close(many.output_weight, one.output_weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set update_pairs"):
+        Word2Vec(10, num_sampled=4, step_per_update=True)

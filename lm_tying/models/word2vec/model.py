@@ -80,6 +80,7 @@ class Word2Vec(WordEmbeddingModule):
         update: Update = "auto",
         update_pairs: int | None = None,
         threads: int | None = None,
+        step_per_update: bool = False,
         sparse: bool = True,
         compile: bool = False,
         average_loss_every: int = 5000,
@@ -132,6 +133,11 @@ class Word2Vec(WordEmbeddingModule):
                 thread costs more than it brings, and much more on a busy machine), else the cores of the
                 machine shared among its processes. The sequential kernel's threads update the tables
                 lock-free (as gensim's workers): bit-reproducible with ``threads: 1``.
+            step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
+                lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
+                loader batch then carries many small updates, with the maths and figures of one batch per
+                update and without the framework's cost per batch (Lightning's loop, logging, the loader).
+                Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
             sparse: Sparse embedding gradients for the autograd engine (only the rows a batch uses; dense
                 under DDP, where gradients are all-reduced).
             compile: ``torch.compile`` the batched engine's math (helps on GPU; on CPU it needs a C++ compiler).
@@ -166,6 +172,8 @@ class Word2Vec(WordEmbeddingModule):
             raise ValueError("optimizer='sparse_adam' needs sparse gradients: set sparse=true")
         if update_pairs is not None and update_pairs < 1:
             raise ValueError(f"update_pairs={update_pairs}: expected a positive number of pairs or null")
+        if step_per_update and update_pairs is None:
+            raise ValueError("step_per_update=true counts updates of update_pairs pairs as steps: set update_pairs")
         if threads is not None and threads < 1:
             raise ValueError(f"threads={threads}: expected a positive number of threads or null (auto)")
         self.automatic_optimization = False  # every engine steps by hand
@@ -237,8 +245,7 @@ class Word2Vec(WordEmbeddingModule):
     # ------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        engine = self.engine or build_engine(choose_engine(h, self.device, 1), self, None)
-        opt = engine.optimizer(self.trained_tables(), h.lr)
+        opt = self.engine.optimizer(self.trained_tables(), h.lr)  # the engine was chosen in setup("fit")
         if h.lr_decay == "none":
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._linear_decay)
@@ -251,7 +258,7 @@ class Word2Vec(WordEmbeddingModule):
         if step == 0:
             return 1.0
         if self._decay_steps is None:
-            total = self.trainer.estimated_stepping_batches
+            total = self.trainer.max_steps if self.hparams.step_per_update else self.trainer.estimated_stepping_batches
             if not math.isfinite(total) or total <= 0:
                 raise ValueError("lr_decay='linear' needs a finite run length: set trainer max_steps or max_epochs")
             self._decay_steps = total
@@ -313,14 +320,24 @@ class Word2Vec(WordEmbeddingModule):
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         center, context = batch
-        opt = self.optimizers()
-        lr = opt.param_groups[0]["lr"]
-        loss = self.engine.train_batch(center, context, opt)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        self._log_train(loss, center.numel(), lr)
-        return loss
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if self.hparams.step_per_update:  # each update is a step (of its own lr, logged as one)
+            size = self.hparams.update_pairs
+            steps = list(zip(center.split(size), context.split(size)))
+            max_steps = self.trainer.max_steps
+            if max_steps > 0:
+                steps = steps[: max_steps - self.global_step]
+        else:
+            steps = [(center, context)]
+        total = 0.0
+        for c, x in steps:
+            lr = opt.param_groups[0]["lr"]
+            loss = self.engine.train_batch(c, x, opt)  # one optimizer step: Lightning counts it
+            if sched is not None:
+                sched.step()
+            self._log_train(loss, c.numel(), lr)
+            total = total + loss * c.numel()
+        return total / sum(c.numel() for c, _ in steps)
 
     def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
         """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
@@ -388,7 +405,7 @@ class Word2Vec(WordEmbeddingModule):
         self._log_neighbours(wv)
         if self.hparams.evaluate:
             for name, value in self.evaluate(wv).items():
-                self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True)
+                self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
 
     @torch.no_grad()
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
