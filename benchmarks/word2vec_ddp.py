@@ -31,11 +31,11 @@ from lm_tying.export import load_model  # noqa: E402
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 
 
-def run(corpus: str, seed: int, ddp: bool, workdir: Path) -> dict:
+def run(corpus: str, seed: int, ddp: bool, workdir: Path, extra: list[str]) -> dict:
     name = f"{'ddp' if ddp else 'one'}-{seed}"
     args = [sys.executable, "-m", "lm_tying.cli", "fit", "--config", str(ROOT / "configs" / "word2vec.yaml"),
             "--data.path", corpus, "--data.data_dir", str(workdir / "data"), "--seed_everything", str(seed),
-            "--run_name", name, "--trainer.enable_progress_bar", "false"] + (DDP if ddp else [])  # fmt: skip
+            "--run_name", name, "--trainer.enable_progress_bar", "false"] + (DDP + extra if ddp else [])  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -53,13 +53,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--ddp-only", action="store_true", help="skip the one-process runs")
+    p.add_argument("--ddp-args", default="", help='more CLI arguments for the DDP runs, e.g. "--model.init_args.ddp_merge mean"')
     args = p.parse_args()
     corpus = str(Path(args.corpus).resolve())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for ddp in (False, True):
-                r = run(corpus, seed, ddp, Path(tmp))
+            for ddp in (True,) if args.ddp_only else (False, True):
+                r = run(corpus, seed, ddp, Path(tmp), args.ddp_args.split())
                 rows.append(r)
                 print(f"{r['name']:10s} seed {seed}: {r['wall']:6.1f} s (load {r['load']:.1f})  analogy "
                       f"{100 * r['analogy']:.2f} %  WS-353 {r['wordsim353']:.3f}  SimLex {r['simlex999']:.3f}"
@@ -67,6 +69,8 @@ def main() -> None:
     print(f"\nmeans over seeds {args.seeds}:")
     for name in ("1 process", "DDP x2"):
         sel = [r for r in rows if r["name"] == name]
+        if not sel:
+            continue
         print(f"{name:10s} {np.mean([r['wall'] for r in sel]):6.1f} s  analogy {100 * np.mean([r['analogy'] for r in sel]):.2f} %  "
               f"WS-353 {np.mean([r['wordsim353'] for r in sel]):.3f}  SimLex {np.mean([r['simlex999'] for r in sel]):.3f}")  # fmt: skip
 

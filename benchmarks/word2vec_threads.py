@@ -58,7 +58,7 @@ def steps_per_second(corpus: str, threads: int | None, steps: int, data_dir: str
                         num_sanity_val_steps=0, accelerator="cpu", devices=1, callbacks=[timer])  # fmt: skip
     L.seed_everything(0, verbose=False)
     trainer.fit(Word2Vec(vocab_size=dm.num_words, **model_args), dm)
-    return (steps - 1) / timer.seconds
+    return steps / timer.seconds
 
 
 def burn() -> None:

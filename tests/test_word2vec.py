@@ -448,8 +448,9 @@ def test_configs_instantiate(name):
         assert model.sampler.__class__.__name__ == "LogUniformSampler" and not h.remove_accidental_hits
         assert h.share_negatives is None and h.reduction == "mean" and h.lr_decay == "none"
         assert h.average_loss_every == 5000
-        assert (data.vocab_size, data.batch_size, data.window, data.dynamic_window, data.subsample) == (
-            50000, 128, 1, False, None)  # fmt: skip
+        assert (h.update_pairs, h.step_per_update) == (128, True)  # 128-pair updates, each a step
+        assert (data.vocab_size, data.window, data.dynamic_window, data.subsample) == (50000, 1, False, None)
+        assert data.batch_size % h.update_pairs == 0
         assert cfg["trainer"]["max_steps"] == 100_000
 
 

@@ -251,17 +251,21 @@ class AutogradEngine(Engine):
 
 
 class SummedDeltas(Engine):
-    """DDP for the engines that write the tables themselves: each rank updates its copy from its shard,
-    then the ranks' changes are summed (all-reduce) and added to the tables as they were before the batch.
+    """DDP for the engines that write the tables themselves: each rank updates its copy from its shard, then
+    the ranks' changes are combined (one all-reduce) and added to the tables as they were before the batch;
+    the ranks end every batch with identical tables.
 
-    Summing, not averaging, keeps every pair's full step (``lr`` per pair as in one process); the ranks
-    end every batch with identical tables.
+    ``merge="sum"`` keeps every pair's full step (``lr`` per pair as in one process); ``"mean"`` gives a row
+    changed by several ranks the mean of their changes (each rank's change of a frequent word's row is
+    already a whole batch of steps towards the same target, so their sum overshoots) and a row changed by
+    one rank that rank's change.
     """
 
-    def __init__(self, inner: Engine, all_reduce_sum: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, inner: Engine, all_reduce_sum: Callable[[Tensor], Tensor], merge: str) -> None:
         super().__init__(inner.model, inner.update_pairs)
         self.inner = inner
         self.all_reduce_sum = all_reduce_sum
+        self.merge = merge
         self.before: list[Tensor] | None = None
 
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
@@ -276,13 +280,22 @@ class SummedDeltas(Engine):
             for b, t in zip(self.before, tables):
                 b.copy_(t)
         loss = self.inner.train_batch(center, context, optimizer)
-        flat = torch.cat([(t - b).view(-1) for t, b in zip(tables, self.before)])
-        flat = self.all_reduce_sum(flat)
-        offset = 0
-        for t, b in zip(tables, self.before):
-            n = t.numel()
-            torch.add(b, flat[offset : offset + n].view_as(t), out=t)
-            offset += n
+        deltas = [t - b for t, b in zip(tables, self.before)]
+        parts = [d.view(-1) for d in deltas]
+        if self.merge == "mean":  # and how many ranks changed each row
+            parts += [(d != 0).view(d.shape[0], -1).any(1).to(d.dtype) for d in deltas]
+        flat = self.all_reduce_sum(torch.cat(parts))
+        combined, offset = [], 0
+        for d in deltas:
+            combined.append(flat[offset : offset + d.numel()].view_as(d))
+            offset += d.numel()
+        if self.merge == "mean":
+            for c in combined:
+                ranks = flat[offset : offset + c.shape[0]].clamp(min=1)
+                c.div_(ranks.view(-1, *[1] * (c.dim() - 1)))
+                offset += c.shape[0]
+        for t, b, c in zip(tables, self.before, combined):
+            torch.add(b, c, out=t)
         return loss
 
 
@@ -370,5 +383,5 @@ def build_engine(choice: EngineChoice, model: Word2Vec, all_reduce_sum: Callable
         engine = AutogradEngine(model, choice.update_pairs, sparse=model.hparams.sparse and all_reduce_sum is None)
     if choice.sum_deltas:
         assert all_reduce_sum is not None
-        engine = SummedDeltas(engine, all_reduce_sum)
+        engine = SummedDeltas(engine, all_reduce_sum, model.hparams.ddp_merge)
     return engine

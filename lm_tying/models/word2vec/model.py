@@ -81,6 +81,7 @@ class Word2Vec(WordEmbeddingModule):
         update_pairs: int | None = None,
         threads: int | None = None,
         step_per_update: bool = False,
+        ddp_merge: Literal["sum", "mean"] = "sum",
         sparse: bool = True,
         compile: bool = False,
         average_loss_every: int = 5000,
@@ -138,6 +139,9 @@ class Word2Vec(WordEmbeddingModule):
                 loader batch then carries many small updates, with the maths and figures of one batch per
                 update and without the framework's cost per batch (Lightning's loop, logging, the loader).
                 Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
+            ddp_merge: DDP with the sequential and batched engines: how the ranks' changes to a row are combined
+                after each batch. ``sum``: every pair keeps its full step, as in one process; ``mean``: a row
+                changed by several ranks gets the mean of their changes, a row changed by one rank its change.
             sparse: Sparse embedding gradients for the autograd engine (only the rows a batch uses; dense
                 under DDP, where gradients are all-reduced).
             compile: ``torch.compile`` the batched engine's math (helps on GPU; on CPU it needs a C++ compiler).
@@ -160,6 +164,7 @@ class Word2Vec(WordEmbeddingModule):
         _check_choice("reduction", reduction, ("mean", "sum"))
         _check_choice("lr_decay", lr_decay, ("none", "linear"))
         _check_choice("update", update, ("auto", "sequential", "batched", "autograd"))
+        _check_choice("ddp_merge", ddp_merge, ("sum", "mean"))
         if vocab_size < 2 or embedding_dim < 1 or num_sampled < 1:
             raise ValueError("vocab_size must be >= 2, embedding_dim and num_sampled >= 1")
         if unique and num_sampled > vocab_size:
@@ -366,9 +371,20 @@ class Word2Vec(WordEmbeddingModule):
                 f"model.lr (now {self.hparams.lr}) or model.update_pairs -- with reduction='sum' a frequent word "
                 "gets the summed step of all its occurrences in an update"
             )
-        self.log("train/loss", self._win_loss / self._win_steps, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("lr", lr, on_step=True, on_epoch=False)
-        self.log("train/pairs_per_sec", world * self._win_pairs / max(now - self._win_start, 1e-9), on_step=True, on_epoch=False)
+        metrics = {
+            "train/loss": self._win_loss / self._win_steps,
+            "lr": lr,
+            "train/pairs_per_sec": world * self._win_pairs / max(now - self._win_start, 1e-9),
+        }
+        if self.hparams.step_per_update:
+            # Lightning writes what self.log holds once per batch, at its batch count; here a batch holds
+            # many steps, so the figures go to the loggers at this step, as the average loss does
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
+            self.trainer.callback_metrics.update({k: torch.as_tensor(float(v)) for k, v in metrics.items()})
+        else:
+            for name, value in metrics.items():
+                self.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
         self._win_loss, self._win_steps, self._win_pairs, self._win_start = None, 0, 0, now
 
     # ------------------------------------------------------------------------------ validation
