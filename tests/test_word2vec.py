@@ -473,3 +473,16 @@ def test_step_per_update_carries_many_updates_with_the_same_maths_and_loss_table
     torch.testing.assert_close(many.output_weight, one.output_weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="set update_pairs"):
         Word2Vec(10, num_sampled=4, step_per_update=True)
+
+
+def test_a_stale_build_lock_is_removed_with_a_message():
+    """torch waits forever on the lock file a build killed part-way leaves; the loader, holding an OS lock no
+    live build could hold with it, knows the file is stale, says which it is and removes it."""
+    if native.sequential_sgd() is None:
+        pytest.skip("no C++ compiler / ninja here: the kernel cannot be built")
+    suffix, _ = native._flags()
+    lock = native.build_directory(f"lm_tying_sequential_sgd_{suffix}") / "lock"
+    lock.write_text("")
+    with pytest.warns(UserWarning, match=f"removing {lock}: a stale build lock"):
+        assert native.sequential_sgd.__wrapped__() is not None  # the uncached loader
+    assert not lock.exists()

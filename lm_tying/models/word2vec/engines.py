@@ -158,6 +158,12 @@ class Engine:
         """One update on these pairs; returns their mean loss."""
         raise NotImplementedError
 
+    def begin_batch(self) -> None:
+        """Called before the first ``train_batch`` of a loader batch (several with ``step_per_update``)."""
+
+    def end_batch(self) -> None:
+        """Called after the last ``train_batch`` of a loader batch."""
+
 
 class SequentialEngine(Engine):
     """Per-pair SGD in the compiled CPU kernel (see the module docstring)."""
@@ -271,15 +277,21 @@ class SummedDeltas(Engine):
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
         return self.inner.update(center, context, lr, generator)
 
-    @torch.no_grad()
     def train_batch(self, center: Tensor, context: Tensor, optimizer: Any) -> Tensor:
+        return self.inner.train_batch(center, context, optimizer)
+
+    @torch.no_grad()
+    def begin_batch(self) -> None:
         tables = self.model.trained_tables()
         if self.before is None:
             self.before = [t.detach().clone() for t in tables]
         else:
             for b, t in zip(self.before, tables):
                 b.copy_(t)
-        loss = self.inner.train_batch(center, context, optimizer)
+
+    @torch.no_grad()
+    def end_batch(self) -> None:
+        tables = self.model.trained_tables()
         deltas = [t - b for t, b in zip(tables, self.before)]
         parts = [d.view(-1) for d in deltas]
         if self.merge == "mean":  # and how many ranks changed each row
@@ -296,7 +308,6 @@ class SummedDeltas(Engine):
                 offset += c.shape[0]
         for t, b, c in zip(tables, self.before, combined):
             torch.add(b, c, out=t)
-        return loss
 
 
 class LearningRateHolder(torch.optim.SGD):

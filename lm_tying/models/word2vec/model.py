@@ -243,7 +243,8 @@ class Word2Vec(WordEmbeddingModule):
         rank_zero_info(
             f"Word2Vec: update engine '{c.update}' ({c.reason}); "
             + (f"updates of {c.update_pairs:,} pairs" if c.update_pairs else "one update per batch")
-            + (f"; {world} processes sum their changes after each batch" if c.sum_deltas else "")
+            + (f"; {world} processes {'sum' if self.hparams.ddp_merge == 'sum' else 'average'} their changes after "
+               "each batch" if c.sum_deltas else "")
             + (f"; {self._threads} torch thread(s)" if strategy.root_device.type == "cpu" else "")
         )
 
@@ -326,23 +327,30 @@ class Word2Vec(WordEmbeddingModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         center, context = batch
         opt, sched = self.optimizers(), self.lr_schedulers()
+        steps, count = [(center, context)], 1
         if self.hparams.step_per_update:  # each update is a step (of its own lr, logged as one)
             size = self.hparams.update_pairs
             steps = list(zip(center.split(size), context.split(size)))
-            max_steps = self.trainer.max_steps
-            if max_steps > 0:
-                steps = steps[: max_steps - self.global_step]
-        else:
-            steps = [(center, context)]
-        total = 0.0
-        for c, x in steps:
+            count = len(steps)
+            if self.trainer.world_size > 1:  # a shorter last batch on one rank: all ranks step alike
+                count = int(self.trainer.strategy.reduce(torch.tensor(count, device=center.device), reduce_op="max"))
+            if self.trainer.max_steps > 0:
+                count = min(count, self.trainer.max_steps - self.global_step)
+        self.engine.begin_batch()
+        total, pairs = 0.0, 0
+        for i in range(count):
             lr = opt.param_groups[0]["lr"]
-            loss = self.engine.train_batch(c, x, opt)  # one optimizer step: Lightning counts it
+            if i < len(steps):
+                c, x = steps[i]
+                loss = self.engine.train_batch(c, x, opt)  # one optimizer step: Lightning counts it
+                self._log_train(loss, c.numel(), lr)
+                total, pairs = total + loss * c.numel(), pairs + c.numel()
+            else:
+                opt.step()  # nothing left of this rank's batch: a step without pairs keeps the ranks' counts equal
             if sched is not None:
                 sched.step()
-            self._log_train(loss, c.numel(), lr)
-            total = total + loss * c.numel()
-        return total / sum(c.numel() for c, _ in steps)
+        self.engine.end_batch()
+        return total / max(pairs, 1)
 
     def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
         """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
