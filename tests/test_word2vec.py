@@ -8,7 +8,6 @@ import math
 import random
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
