@@ -92,7 +92,7 @@ def run_ours(args, cfg, seed: int) -> dict:
     data_args = dict(cfg["data"]["init_args"])
     data_args.update(path=args.corpus, data_dir=args.data_dir, split=(args.split, (1 - args.split) / 2, (1 - args.split) / 2))
     model_args = dict(cfg["model"]["init_args"])
-    model_args.update(evaluate=False, num_threads=args.threads)
+    model_args.update(evaluate=False, threads=args.threads)
     trainer_args = {k: v for k, v in cfg.get("trainer", {}).items() if k not in ("logger", "callbacks")}
     if args.epochs is not None:
         trainer_args["max_epochs"] = args.epochs

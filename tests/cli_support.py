@@ -76,7 +76,7 @@ def tiny_config(model: str, corpus: Path, **trainer: Any) -> dict[str, Any]:
         init_args = {"embedding_dim": 16, "num_sampled": 8, "evaluate": False, "average_loss_every": 0}
         if model == "word2vec_sequential":  # per-pair SGD in the compiled kernel (exact with one thread)
             init_args.update(num_sampled=6, loss="negative_sampling", unique=False, share_negatives=4,
-                             output_bias=False, reduction="sum", lr=0.05, init="word2vec", sequential=True)  # fmt: skip
+                             output_bias=False, reduction="sum", lr=0.05, init="word2vec", update="sequential")  # fmt: skip
         model_cfg = {"class_path": "lm_tying.models.word2vec.Word2Vec", "init_args": init_args}
         data_args = {"mode": "skipgram", "batch_size": 256, "window": 2}
     elif model == "lm":
@@ -247,3 +247,41 @@ class CopyFileAtStep(Callback):
             import shutil
 
             shutil.copyfile(self.src, self.dest)
+
+
+# ------------------------------------------------------------------------------------- word2vec's shipped configs
+def shipped_config_args(name: str, corpus: Path, **trainer: Any) -> list[str]:
+    """``fit`` arguments that run ``configs/<name>`` unchanged except for its size: a tiny corpus and
+    vocabulary, small vectors and batches, a short run."""
+    size = {
+        "word2vec.yaml": ["--data.batch_size", "256", "--trainer.max_epochs", "2"],
+        "word2vec_cs20.yaml": ["--data.batch_size", "1280", "--trainer.max_steps", "200"],  # 10 updates a batch
+    }[name]
+    args = ["fit", "--config", str(REPO / "configs" / name), "--data.path", str(corpus), "--data.vocab_size", "100",
+            "--model.init_args.embedding_dim", "16", "--trainer.enable_progress_bar", "false",
+            "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "0", *size]  # fmt: skip
+    for key, value in trainer.items():
+        args += [f"--trainer.{key}", str(value)]
+    return args
+
+
+class RecordLosses(Callback):
+    """Writes the loss each training step returned, per rank, to ``out_dir/losses<rank>.json`` at the end of fit
+    (appending to what an earlier, interrupted fit of the same run recorded)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+    def _dump(self, trainer) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"losses{trainer.global_rank}.json"
+        previous = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(previous + self.losses))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._dump(trainer)

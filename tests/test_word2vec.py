@@ -1,4 +1,5 @@
-"""The Word2Vec LightningModule: fused step == autograd SGD, sparse rows, planted structure, logging, configs."""
+"""The Word2Vec LightningModule and its engines: batched step == autograd SGD, the kernel == per-pair SGD, sparse
+rows, planted structure, engine choice, logging, configs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import random
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from lm_tying import native
 from lm_tying.data import Text8DataModule
-from lm_tying.models.word2vec import Word2Vec
+from lm_tying.models.word2vec import Word2Vec, native
+from lm_tying.models.word2vec.engines import BatchedEngine, EngineError, LearningRateHolder, choose_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,10 @@ def small_model(**kw) -> Word2Vec:
     if hasattr(model.sampler, "set_counts"):
         model.sampler.set_counts(np.arange(30, 0, -1) ** 2)
     return model
+
+
+def batched(model: Word2Vec, update_pairs: int | None = None) -> BatchedEngine:
+    return BatchedEngine(model, update_pairs)
 
 
 def batch(seed: int = 0, n: int = 37):
@@ -47,16 +51,16 @@ def batch(seed: int = 0, n: int = 37):
         dict(loss="negative_sampling", unique=False, share_negatives=4, output_bias=False),
     ],
 )
-def test_fused_step_equals_autograd_sgd(kw):
+def test_batched_step_equals_autograd_sgd(kw):
     """The hand-written update is exactly one torch.optim.SGD step on the autograd loss."""
-    fused = small_model(**kw)
+    hand = small_model(**kw)
     with torch.no_grad():  # non-trivial starting point, bias included
-        fused.output_bias.normal_()
-    auto = copy.deepcopy(fused)
-    start_bias = fused.output_bias.detach().clone()
+        hand.output_bias.normal_()
+    auto = copy.deepcopy(hand)
+    start_bias = hand.output_bias.detach().clone()
     center, context = batch()
     lr = 0.7
-    loss_f = fused.fused_sgd_step(center, context, lr, generator=torch.Generator().manual_seed(3))
+    loss_f = batched(hand).update(center, context, lr, generator=torch.Generator().manual_seed(3))
     loss_a = auto.compute_loss(center, context, torch.Generator().manual_seed(3), reduction=auto.hparams.reduction)
     loss_a.backward()
     opt = torch.optim.SGD([auto.embedding, auto.output_weight, auto.output_bias], lr=lr)
@@ -64,27 +68,22 @@ def test_fused_step_equals_autograd_sgd(kw):
     n = center.numel() if auto.hparams.reduction == "sum" else 1
     assert loss_f.item() == pytest.approx(loss_a.item() / n, rel=1e-5)
     for name in ("embedding", "output_weight", "output_bias"):
-        torch.testing.assert_close(getattr(fused, name), getattr(auto, name), rtol=1e-5, atol=1e-6)
-    bias_moved = not torch.equal(fused.output_bias, start_bias)
-    assert bias_moved == fused.hparams.output_bias
+        torch.testing.assert_close(getattr(hand, name), getattr(auto, name), rtol=1e-5, atol=1e-6)
+    bias_moved = not torch.equal(hand.output_bias, start_bias)
+    assert bias_moved == hand.hparams.output_bias
 
 
-def test_update_pairs_are_successive_sgd_steps(tmp_path):
-    """A batch with update_pairs=u is the same as fused steps on its consecutive slices of u pairs."""
-    model = small_model(loss="negative_sampling", unique=False, share_negatives=4, update_pairs=10, reduction="sum")
+def test_update_pairs_are_successive_sgd_steps():
+    """A batch with update_pairs=u is the same as batched steps on its consecutive slices of u pairs."""
+    model = small_model(loss="negative_sampling", unique=False, share_negatives=4, reduction="sum")
     ref = copy.deepcopy(model)
     center, context = batch(n=37)
     torch.manual_seed(0)
-    trainer = SimpleNamespace(world_size=1, log_every_n_steps=1000, datamodule=None)
-    model._trainer = trainer
-    opt = LearningRateHolderFor(model, lr=0.3)
-    model.optimizers = lambda: opt  # type: ignore[method-assign]
-    model.lr_schedulers = lambda: None  # type: ignore[method-assign]
-    model._log_train = lambda *a: None  # type: ignore[method-assign]
-    model.training_step((center, context), 0)
+    opt = LearningRateHolder([model.embedding, model.output_weight], lr=0.3)
+    batched(model, update_pairs=10).train_batch(center, context, opt)
     torch.manual_seed(0)
     for c, x in zip(center.split(10), context.split(10)):
-        ref.fused_sgd_step(c, x, 0.3)
+        batched(ref).update(c, x, 0.3)
     torch.testing.assert_close(model.embedding, ref.embedding)
     torch.testing.assert_close(model.output_weight, ref.output_weight)
 
@@ -139,7 +138,7 @@ def test_sequential_kernel_is_per_pair_sgd(remove_hits):
         kernel.sequential_sgd(E, W, center + 30, context, negatives, 0.3, 0.7, False)
 
 
-def test_sequential_falls_back_to_the_batched_step_without_a_compiler(tmp_path, make_corpus, monkeypatch):
+def test_without_a_compiler_auto_uses_the_batched_engine_and_sequential_fails_clearly(tmp_path, make_corpus, monkeypatch):
     import torch.utils.cpp_extension
 
     def no_compiler(**kwargs):
@@ -148,41 +147,36 @@ def test_sequential_falls_back_to_the_batched_step_without_a_compiler(tmp_path, 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*Ninja is required"):
         assert native.sequential_sgd.__wrapped__() is None  # the uncached builder
-    builds = []
-    monkeypatch.setattr(native, "sequential_sgd", lambda: builds.append(1))  # what a failed build returns: None
+    monkeypatch.setattr(native, "sequential_sgd", lambda: None)  # what a failed build returns
     corpus = make_corpus(planted_corpus(3000))
-    model, trainer, _ = fit(tmp_path, corpus, model_kw=dict(sequential=True, share_negatives=4, output_bias=False),
+    model, trainer, _ = fit(tmp_path, corpus, model_kw=dict(share_negatives=4, output_bias=False),
                             trainer_kw=dict(max_steps=3, max_epochs=None, log_every_n_steps=1))  # fmt: skip
-    assert builds == [1] and model._sequential_kernel is None and trainer.global_step == 3
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    with pytest.raises(ValueError, match="sequential=true"):
-        Word2Vec(10, num_sampled=4, sequential=True, loss="nce")
-
-
-def LearningRateHolderFor(model: Word2Vec, lr: float):
-    from lm_tying.models.word2vec import LearningRateHolder
-
-    return LearningRateHolder([model.embedding, model.output_weight], lr=lr)
+    assert model.engine_choice.update == "batched" and "could not be built" in model.engine_choice.reason
+    assert model.engine_choice.update_pairs == 4096  # lr per pair: small updates, whatever the batch
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    with pytest.raises(EngineError, match="could not be built"):
+        fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False),
+            trainer_kw=dict(max_steps=1, max_epochs=None))  # fmt: skip
 
 
 def test_autograd_gradients_are_sparse_and_local():
-    model = small_model(loss="negative_sampling", unique=False, num_sampled=4, fused=False)
+    model = small_model(loss="negative_sampling", unique=False, num_sampled=4)
     center, context = torch.tensor([1, 2, 2, 5]), torch.tensor([3, 3, 9, 1])
     g = torch.Generator().manual_seed(0)
-    sampled = model._sample(context, torch.Generator().manual_seed(0)).sampled
-    model.compute_loss(center, context, g).backward()
+    sampled = model.sample_negatives(context, torch.Generator().manual_seed(0)).sampled
+    model.compute_loss(center, context, g, sparse=True).backward()
     assert model.embedding.grad.is_sparse and model.output_weight.grad.is_sparse and model.output_bias.grad.is_sparse
     assert set(model.embedding.grad.coalesce().indices()[0].tolist()) == {1, 2, 5}
     assert set(model.output_weight.grad.coalesce().indices()[0].tolist()) == {3, 9, 1} | set(sampled.tolist())
 
 
-def test_fused_step_touches_only_used_rows():
+def test_batched_step_touches_only_used_rows():
     model = small_model(loss="negative_sampling", unique=False, num_sampled=3, init="tutorial")
     before = [p.detach().clone() for p in (model.embedding, model.output_weight)]
     center, context = torch.tensor([4, 7]), torch.tensor([8, 8])
     g = torch.Generator().manual_seed(1)
-    sampled = model._sample(context, torch.Generator().manual_seed(1)).sampled
-    model.fused_sgd_step(center, context, 0.5, generator=g)
+    sampled = model.sample_negatives(context, torch.Generator().manual_seed(1)).sampled
+    batched(model).update(center, context, 0.5, generator=g)
     changed_e = (model.embedding != before[0]).any(1).nonzero().flatten().tolist()
     changed_w = (model.output_weight != before[1]).any(1).nonzero().flatten().tolist()
     assert set(changed_e) == {4, 7}
@@ -208,7 +202,7 @@ def fit(tmp_path, corpus_path, model_kw=None, data_kw=None, trainer_kw=None):
     # one thread: tiny matmuls gain nothing from two, and OpenMP barriers stall when other processes share the CPU
     args = dict(vocab_size=dm.num_words, embedding_dim=16, evaluate=False, average_loss_every=0, init="word2vec",
                 loss="negative_sampling", unique=False, num_sampled=5, share_negatives=16, reduction="sum", lr=0.05,
-                num_threads=1)  # fmt: skip
+                threads=1)  # fmt: skip
     args.update(model_kw or {})
     model = Word2Vec(**args)
     trainer_args = dict(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -237,14 +231,14 @@ def separation(model: Word2Vec) -> tuple[float, float, float]:
 @pytest.mark.parametrize(
     "model_kw",
     [
-        {},  # fused SGD, grouped negative sampling
-        dict(hogwild=2),  # the same, slices applied by two threads
-        dict(sequential=True, share_negatives=4, output_bias=False),  # per-pair SGD in the compiled kernel
-        dict(sequential=True, share_negatives=4, output_bias=False, num_threads=2),  # its lock-free threads
+        dict(update="batched"),  # hand-written SGD updates, grouped negative sampling
+        dict(update="sequential", share_negatives=4, output_bias=False),  # per-pair SGD in the compiled kernel
+        dict(update="sequential", share_negatives=4, output_bias=False, threads=2),  # its lock-free threads
+        dict(update="autograd", update_pairs=64),  # autograd SGD, four updates per batch
         dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, optimizer="sparse_adam", lr=0.01,
              reduction="mean", init="tutorial"),  # fmt: skip
     ],
-    ids=["fused-sgd-ns", "hogwild-ns", "sequential-ns", "sequential-2-threads", "sparse-adam-nce"],
+    ids=["batched-ns", "sequential-ns", "sequential-2-threads", "autograd-sgd-ns", "sparse-adam-nce"],
 )
 def test_training_separates_planted_vocabularies(tmp_path, make_corpus, model_kw):
     corpus = make_corpus(planted_corpus())
@@ -340,12 +334,12 @@ def test_average_loss_and_linear_decay(tmp_path, make_corpus, capsys):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.01)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_bf16_mixed_precision_trains(tmp_path, make_corpus, fused):
+@pytest.mark.parametrize("update", ["batched", "autograd"])
+def test_bf16_mixed_precision_trains(tmp_path, make_corpus, update):
     corpus = make_corpus(planted_corpus(3000))
     model, trainer, _ = fit(
         tmp_path, corpus,
-        model_kw=dict(fused=fused),
+        model_kw=dict(update=update),
         trainer_kw=dict(max_steps=20, max_epochs=None, precision="bf16-mixed", limit_val_batches=0, log_every_n_steps=5),
     )  # fmt: skip
     assert model.embedding.dtype == torch.float32
@@ -354,10 +348,10 @@ def test_bf16_mixed_precision_trains(tmp_path, make_corpus, fused):
     ref = copy.deepcopy(model)
     center, context = batch(n=64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lb = model.fused_sgd_step(center % model.hparams.vocab_size, context % model.hparams.vocab_size, 0.05,
-                                  torch.Generator().manual_seed(0))  # fmt: skip
-    lf = ref.fused_sgd_step(center % ref.hparams.vocab_size, context % ref.hparams.vocab_size, 0.05,
-                            torch.Generator().manual_seed(0))  # fmt: skip
+        lb = batched(model).update(center % model.hparams.vocab_size, context % model.hparams.vocab_size, 0.05,
+                                   torch.Generator().manual_seed(0))  # fmt: skip
+    lf = batched(ref).update(center % ref.hparams.vocab_size, context % ref.hparams.vocab_size, 0.05,
+                             torch.Generator().manual_seed(0))  # fmt: skip
     assert lb.item() == pytest.approx(lf.item(), rel=2e-2)
 
 
@@ -375,24 +369,6 @@ def test_noise_never_draws_unk_when_the_data_drops_it(tmp_path, make_corpus):
     assert model.sampler.probs_table[0] > 0 and (dm.word_counts == np.asarray(dm.vocab.counts)).all()
 
 
-def test_hogwild_checkpoint_and_logging(tmp_path, make_corpus):
-    """Hogwild training logs every step, checkpoints the tables it trained and shuts its threads down."""
-    corpus = make_corpus(planted_corpus(3000))
-    model, trainer, _ = fit(tmp_path, corpus, model_kw=dict(hogwild=2),
-                            trainer_kw=dict(max_steps=7, max_epochs=None, limit_val_batches=1, val_check_interval=3,
-                                            log_every_n_steps=1))  # fmt: skip
-    assert model._pool is None
-    assert trainer.global_step == 7 and torch.isfinite(trainer.callback_metrics["train/loss"])
-    path = tmp_path / "h.ckpt"
-    trainer.save_checkpoint(path)
-    loaded = Word2Vec.load_from_checkpoint(path)
-    torch.testing.assert_close(loaded.embedding, model.embedding)
-    with pytest.raises(ValueError, match="hogwild"):
-        Word2Vec(10, num_sampled=4, hogwild=2, optimizer="adagrad")
-    with pytest.raises(ValueError, match="update_pairs"):
-        Word2Vec(10, num_sampled=4, update_pairs=8, optimizer="adagrad")
-
-
 def test_divergence_fails_clearly(tmp_path, make_corpus):
     corpus = make_corpus(planted_corpus(3000))
     with pytest.raises(FloatingPointError, match="lower model.lr"):
@@ -400,17 +376,41 @@ def test_divergence_fails_clearly(tmp_path, make_corpus):
             limit_val_batches=0, log_every_n_steps=10))  # fmt: skip
 
 
-def test_ddp_switches_to_dense_autograd():
-    model = small_model(loss="negative_sampling", unique=False)
-    assert model.fused and model.sparse
-    model._trainer = SimpleNamespace(world_size=2, datamodule=None)
-    with pytest.warns(UserWarning, match="dense gradients"):
-        model.setup("fit")
-    assert not model.fused and not model.sparse
-    bad = small_model(optimizer="sparse_adam", lr=0.01)
-    bad._trainer = SimpleNamespace(world_size=2, datamodule=None)
-    with pytest.raises(ValueError, match="DDP"):
-        bad.setup("fit")
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "kw, device, world, expected",
+    [
+        (dict(), CPU, 1, ("sequential", None, False)),  # the shipped word2vec.yaml's settings, one CPU process
+        (dict(), CPU, 2, ("sequential", None, True)),  # DDP: the same kernel, the ranks' changes summed
+        (dict(), GPU, 1, ("batched", 4096, False)),  # GPU: batched, lr per pair -> 4096-pair updates
+        (dict(), GPU, 2, ("batched", 4096, True)),
+        (dict(update_pairs=512), GPU, 1, ("batched", 512, False)),
+        (dict(loss="nce", output_bias=True, reduction="mean"), CPU, 1, ("batched", None, False)),  # the tutorial
+        (dict(optimizer="adagrad"), CPU, 2, ("autograd", 4096, False)),  # DDP's own gradient all-reduce
+        (dict(update="batched"), CPU, 1, ("batched", 4096, False)),
+    ],
+)
+def test_auto_chooses_the_engine_from_device_strategy_and_settings(kw, device, world, expected):
+    if native.sequential_sgd() is None:
+        pytest.skip("no C++ compiler / ninja here: the kernel cannot be built")
+    settings = dict(loss="negative_sampling", output_bias=False, reduction="sum", unique=False, lr=0.05)
+    model = small_model(**{**settings, **kw})
+    choice = choose_engine(model.hparams, device, world)
+    assert (choice.update, choice.update_pairs, choice.sum_deltas) == expected
+
+
+def test_combinations_that_cannot_work_fail_clearly():
+    with pytest.raises(EngineError, match="needs loss: negative_sampling, output_bias: false, reduction: sum"):
+        choose_engine(small_model(loss="nce", update="sequential").hparams, CPU, 1)
+    ns = dict(loss="negative_sampling", output_bias=False, reduction="sum", unique=False)
+    with pytest.raises(EngineError, match="CPU only"):
+        choose_engine(small_model(update="sequential", **ns).hparams, GPU, 1)
+    with pytest.raises(EngineError, match="needs update: autograd"):
+        choose_engine(small_model(update="batched", optimizer="adagrad").hparams, CPU, 1)
+    with pytest.raises(EngineError, match="DDP"):
+        choose_engine(small_model(optimizer="sparse_adam", lr=0.01).hparams, CPU, 2)
 
 
 def test_invalid_arguments_fail_clearly():
@@ -418,8 +418,10 @@ def test_invalid_arguments_fail_clearly():
         Word2Vec(10, num_sampled=4, optimizer="adam")
     with pytest.raises(ValueError, match="sparse=true"):
         Word2Vec(10, num_sampled=4, optimizer="sparse_adam", sparse=False)
-    with pytest.raises(ValueError, match="fused=false"):
-        Word2Vec(10, num_sampled=4, optimizer="adagrad", fused=True)
+    with pytest.raises(ValueError, match="update="):
+        Word2Vec(10, num_sampled=4, update="fused")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threads=0"):
+        Word2Vec(10, num_sampled=4, threads=0)
     with pytest.raises(ValueError, match="unique=false"):
         Word2Vec(10, num_sampled=4, share_negatives=4, unique=True)
     with pytest.raises(ValueError, match="loss="):
@@ -445,6 +447,41 @@ def test_configs_instantiate(name):
         assert model.sampler.__class__.__name__ == "LogUniformSampler" and not h.remove_accidental_hits
         assert h.share_negatives is None and h.reduction == "mean" and h.lr_decay == "none"
         assert h.average_loss_every == 5000
-        assert (data.vocab_size, data.batch_size, data.window, data.dynamic_window, data.subsample) == (
-            50000, 128, 1, False, None)  # fmt: skip
+        assert (h.update_pairs, h.step_per_update) == (128, True)  # 128-pair updates, each a step
+        assert (data.vocab_size, data.window, data.dynamic_window, data.subsample) == (50000, 1, False, None)
+        assert data.batch_size % h.update_pairs == 0
         assert cfg["trainer"]["max_steps"] == 100_000
+
+
+def test_step_per_update_carries_many_updates_with_the_same_maths_and_loss_table(tmp_path, make_corpus, capsys):
+    """Small updates (the tutorial's have 128 pairs), ten to a loader batch with step_per_update: the same steps, the same
+    "Average loss at step N" lines and the same tables as one small batch per step (across an epoch's end)."""
+    corpus = make_corpus(planted_corpus(1500))
+    tutorial = dict(loss="nce", unique=True, share_negatives=None, num_sampled=8, lr=1.0, reduction="mean",
+                    init="tutorial", average_loss_every=14)  # fmt: skip
+    run = dict(max_steps=140, max_epochs=None, limit_val_batches=0)
+    one, trainer_one, dm = fit(tmp_path / "one", corpus, tutorial, data_kw=dict(batch_size=64), trainer_kw=run)
+    table_one = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Average loss")]
+    many, trainer_many, _ = fit(tmp_path / "many", corpus, {**tutorial, "update_pairs": 64, "step_per_update": True},
+                                data_kw=dict(batch_size=640), trainer_kw=run)  # fmt: skip
+    table_many = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Average loss")]
+    assert dm.train_dataloader().dataset.pairs_per_epoch < 140 * 64  # the run crosses an epoch's end
+    assert trainer_one.global_step == trainer_many.global_step == 140
+    assert len(table_one) == 10 and table_many == table_one
+    torch.testing.assert_close(many.embedding, one.embedding, rtol=0, atol=0)
+    torch.testing.assert_close(many.output_weight, one.output_weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set update_pairs"):
+        Word2Vec(10, num_sampled=4, step_per_update=True)
+
+
+def test_a_stale_build_lock_is_removed_with_a_message():
+    """torch waits forever on the lock file a build killed part-way leaves; the loader, holding an OS lock no
+    live build could hold with it, knows the file is stale, says which it is and removes it."""
+    if native.sequential_sgd() is None:
+        pytest.skip("no C++ compiler / ninja here: the kernel cannot be built")
+    suffix, _ = native._flags()
+    lock = native.build_directory(f"lm_tying_sequential_sgd_{suffix}") / "lock"
+    lock.write_text("")
+    with pytest.warns(UserWarning, match=f"removing {lock}: a stale build lock"):
+        assert native.sequential_sgd.__wrapped__() is not None  # the uncached loader
+    assert not lock.exists()

@@ -9,7 +9,7 @@
 //   E[c]   += lr * ((1 - sigmoid(s)) * W[t] - neg_weight * sum_k sigmoid(s_k) * W[n_k])   (pre-update rows)
 //
 // so the next pair already sees these rows updated: plain per-pair SGD, where the batched PyTorch step
-// (Word2Vec.fused_sgd_step) computes every gradient of an update from the same old values. Groups are
+// (engines.BatchedEngine) computes every gradient of an update from the same old values. Groups are
 // shared out among torch's intra-op threads, which update the shared tables without locks (Hogwild!, as
 // word2vec C and gensim): with one thread the result is exactly the sequential one, with more a row hit
 // by two threads at once may lose an update. Every row is worked on in L1 and the rows of the next pairs

@@ -1,0 +1,502 @@
+"""Skip-gram word2vec trained with sampled NCE or negative sampling, as a LightningModule.
+
+The model is two tables and a bias::
+
+    input embedding  E  [V, D]   the word vectors users keep (``input_embeddings()``)
+    output weights   W  [V, D]   one "context" vector per word
+    output bias      b  [V]
+
+and for a batch of ``(center, context)`` pairs with ``K`` negatives shared by the batch::
+
+    h      = E[center]                                    [B, D]
+    s_true = <h, W[context]> + b[context]                 [B]
+    s_neg  = h @ W[negatives].T + b[negatives]            [B, K]   (one matmul: why shared negatives are fast)
+    loss   = sigmoid CE(s_true, 1) + sum_k sigmoid CE(s_neg_k, 0)     (NCE first subtracts log Q from both)
+
+How the updates are applied is the job of an engine (``engines.py``), picked once at setup by the
+``update`` setting: the compiled per-pair kernel on CPU, hand-written batched updates on GPU, autograd
+for optimizers other than SGD. Training is manual-optimization with every engine, so they share the
+step, schedule and logging.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from lm_tying.models.base import WordEmbeddingModule
+from lm_tying.models.word2vec.engines import (
+    Engine,
+    EngineChoice,
+    Update,
+    build_engine,
+    choose_engine,
+    choose_threads,
+)
+from lm_tying.nce import (
+    CandidateSampler,
+    LogUniformSampler,
+    SampledValues,
+    UnigramSampler,
+    negative_sampling_loss,
+    nce_loss,
+)
+from lm_tying.vectors import EVAL_FILES, WordVectors, default_eval_file
+
+DEFAULT_PROBE_WORDS = (
+    "one", "american", "war", "king", "france", "computer", "music", "water", "god", "good", "three", "german",
+)  # fmt: skip
+
+
+class Word2Vec(WordEmbeddingModule):
+    """Skip-gram word2vec (input embedding, output weights and bias) with NCE or negative sampling."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 128,
+        loss: Literal["nce", "negative_sampling"] = "nce",
+        num_sampled: int = 64,
+        sampler: Literal["log_uniform", "unigram"] | None = None,
+        sampler_power: float = 0.75,
+        unique: bool = True,
+        remove_accidental_hits: bool = False,
+        negative_weight: float = 1.0,
+        share_negatives: int | None = None,
+        init: Literal["tutorial", "word2vec"] = "tutorial",
+        output_bias: bool = True,
+        optimizer: Literal["sgd", "adagrad", "sparse_adam", "adam"] = "sgd",
+        lr: float = 1.0,
+        reduction: Literal["mean", "sum"] = "mean",
+        lr_decay: Literal["none", "linear"] = "none",
+        min_lr_ratio: float = 1e-4,
+        update: Update = "auto",
+        update_pairs: int | None = None,
+        threads: int | None = None,
+        step_per_update: bool = False,
+        ddp_merge: Literal["sum", "mean"] = "sum",
+        sparse: bool = True,
+        compile: bool = False,
+        average_loss_every: int = 5000,
+        probe_words: list[str] | None = None,
+        probe_topn: int = 8,
+        evaluate: bool = True,
+        eval_analogies: str | None = None,
+        eval_pairs: list[str] | None = None,
+        eval_restrict_vocab: int = 300_000,
+    ) -> None:
+        """
+        Args:
+            vocab_size: Number of words (rows of both tables), UNK included; the CLI links it to the data.
+            embedding_dim: Dimension D of the word vectors.
+            loss: ``nce`` (tf.nn.nce_loss: log Q correction) or ``negative_sampling`` (Mikolov et al.).
+            num_sampled: K, negatives drawn once per batch and shared by all its pairs.
+            sampler: Noise distribution: ``log_uniform`` (Zipf over frequency-sorted ids, TF's NCE default)
+                or ``unigram`` (corpus counts ** sampler_power). Default: log_uniform for NCE, unigram for
+                negative sampling.
+            sampler_power: Exponent of the unigram sampler (0.75 as word2vec).
+            unique: Draw until K distinct classes (TF's default; expected count 1-(1-p)^tries) instead of
+                K draws with replacement (expected count K*p).
+            remove_accidental_hits: Ignore sampled classes equal to the example's true class (TF option).
+            negative_weight: Weight of each sampled term in the negative-sampling loss; ``n / num_sampled``
+                makes K shared samples an unbiased estimate of word2vec's objective with n negatives per pair.
+            share_negatives: Pairs that share one draw of negatives. None: the whole batch (tf.nn.nce_loss).
+                With large batches, a whole-batch draw concentrates B pairs' updates on K rows; groups of a
+                few pairs keep word2vec's per-row dynamics. Needs unique=false.
+            init: ``tutorial``: E ~ U[0, 1), W ~ truncated normal(std 1/sqrt(D)), b = 0 (the CS20 TF tutorial);
+                ``word2vec``: E ~ U[-0.5/D, 0.5/D), W = 0, b = 0 (word2vec C, gensim).
+            output_bias: Learn the output bias b (tf.nn.nce_loss has one). False keeps it at zero, as
+                word2vec C, which has none.
+            optimizer: ``sgd`` (the tutorial's), ``adagrad`` / ``sparse_adam`` (sparse-aware), ``adam``
+                (dense only); all but ``sgd`` train through ``update: autograd``.
+            lr: Learning rate of the optimised loss (see ``reduction``).
+            reduction: Batch reduction of the optimised loss. ``mean`` as tf.reduce_mean (the tutorial's
+                lr 1.0 at batch 128); ``sum``: every pair contributes a full step, so ``lr`` is per pair as in
+                word2vec C / gensim (0.025) and does not depend on the batch size. Logged losses are means.
+            lr_decay: ``linear``: decay to ``lr * min_lr_ratio`` over the run (word2vec C), per step.
+            min_lr_ratio: Final fraction of the learning rate with linear decay (word2vec C: 1e-4).
+            update: How updates are applied (``engines.py``): ``sequential`` (per-pair SGD in the compiled
+                CPU kernel, as word2vec C), ``batched`` (hand-written SGD updates of ``update_pairs`` pairs
+                from the same old values; any device), ``autograd`` (any optimizer), or ``auto``: sequential
+                on CPU when the loss allows it, batched otherwise, autograd for optimizers other than SGD.
+                Chosen once at setup and logged; under DDP the ranks' changes are summed after each batch.
+            update_pairs: Pairs per update (per kernel call for ``sequential``). None: the whole batch, except
+                for the batched and autograd engines with ``reduction: sum``, which then update every 4,096
+                pairs (a whole large batch summed into one step would diverge).
+            threads: Torch threads while training. None: one for updates of fewer than 16,384 pairs (a second
+                thread costs more than it brings, and much more on a busy machine), else the cores of the
+                machine shared among its processes. The sequential kernel's threads update the tables
+                lock-free (as gensim's workers): bit-reproducible with ``threads: 1``.
+            step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
+                lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
+                loader batch then carries many small updates, with the maths and figures of one batch per
+                update and without the framework's cost per batch (Lightning's loop, logging, the loader).
+                Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
+            ddp_merge: DDP with the sequential and batched engines: how the ranks' changes to a row are combined
+                after each batch. ``sum``: every pair keeps its full step, as in one process; ``mean``: a row
+                changed by several ranks gets the mean of their changes, a row changed by one rank its change.
+            sparse: Sparse embedding gradients for the autograd engine (only the rows a batch uses; dense
+                under DDP, where gradients are all-reduced).
+            compile: ``torch.compile`` the batched engine's math (helps on GPU; on CPU it needs a C++ compiler).
+            average_loss_every: Log ``train/avg_loss``, the mean loss over the last this many steps, and
+                print it (the tutorial's "Average loss at step 5000"); 0 disables.
+            probe_words: Words whose nearest neighbours are written to TensorBoard at each validation
+                (a default list of common words when None; words outside the vocabulary are skipped).
+            probe_topn: Neighbours shown per probe word.
+            evaluate: Analogy and word-similarity evaluation at each validation.
+            eval_analogies: questions-words.txt-format file; None: gensim's copy when gensim is installed.
+            eval_pairs: Word-pair similarity files (word1<TAB>word2<TAB>score); None: gensim's
+                wordsim353.tsv and simlex999.txt when gensim is installed.
+            eval_restrict_vocab: Evaluate analogies/pairs among the first (most frequent) this many words.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        _check_choice("loss", loss, ("nce", "negative_sampling"))
+        _check_choice("init", init, ("tutorial", "word2vec"))
+        _check_choice("optimizer", optimizer, ("sgd", "adagrad", "sparse_adam", "adam"))
+        _check_choice("reduction", reduction, ("mean", "sum"))
+        _check_choice("lr_decay", lr_decay, ("none", "linear"))
+        _check_choice("update", update, ("auto", "sequential", "batched", "autograd"))
+        _check_choice("ddp_merge", ddp_merge, ("sum", "mean"))
+        if vocab_size < 2 or embedding_dim < 1 or num_sampled < 1:
+            raise ValueError("vocab_size must be >= 2, embedding_dim and num_sampled >= 1")
+        if unique and num_sampled > vocab_size:
+            raise ValueError(f"unique sampling of num_sampled={num_sampled} classes needs vocab_size >= num_sampled")
+        if share_negatives is not None and (share_negatives < 1 or unique):
+            raise ValueError("share_negatives needs a positive group size and unique=false (draws with replacement)")
+        if optimizer == "adam" and sparse:
+            raise ValueError("optimizer='adam' needs dense gradients: set sparse=false, or use 'sparse_adam'")
+        if optimizer == "sparse_adam" and not sparse:
+            raise ValueError("optimizer='sparse_adam' needs sparse gradients: set sparse=true")
+        if update_pairs is not None and update_pairs < 1:
+            raise ValueError(f"update_pairs={update_pairs}: expected a positive number of pairs or null")
+        if step_per_update and update_pairs is None:
+            raise ValueError("step_per_update=true counts updates of update_pairs pairs as steps: set update_pairs")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads={threads}: expected a positive number of threads or null (auto)")
+        self.automatic_optimization = False  # every engine steps by hand
+
+        V, D = vocab_size, embedding_dim
+        self.embedding = nn.Parameter(torch.empty(V, D))  # the input vectors (what users keep)
+        self.output_weight = nn.Parameter(torch.empty(V, D))
+        self.output_bias = nn.Parameter(torch.zeros(V), requires_grad=output_bias)
+        self.reset_parameters()
+
+        kind = sampler or ("log_uniform" if loss == "nce" else "unigram")
+        if kind == "log_uniform":
+            self.sampler: CandidateSampler = LogUniformSampler(V)
+        elif kind == "unigram":
+            self.sampler = UnigramSampler(V, power=sampler_power)  # counts arrive with the vocabulary (setup)
+        else:
+            raise ValueError(f"sampler={sampler!r}: expected 'log_uniform' or 'unigram'")
+
+        self.probe_words = list(DEFAULT_PROBE_WORDS if probe_words is None else probe_words)
+        self.engine: Engine | None = None  # chosen at setup (choose_engine)
+        self.engine_choice: EngineChoice | None = None
+        self._decay_steps: float | None = None  # the linear decay's length, read once training has started
+        self._val_generator: torch.Generator | None = None
+        self._reset_windows()
+
+    # ------------------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        D = self.hparams.embedding_dim
+        if self.hparams.init == "tutorial":
+            self.embedding.uniform_(0.0, 1.0)
+            std = 1.0 / math.sqrt(D)
+            nn.init.trunc_normal_(self.output_weight, std=std, a=-2 * std, b=2 * std)  # TF truncates at 2 std
+        else:
+            self.embedding.uniform_(-0.5 / D, 0.5 / D)
+            self.output_weight.zero_()
+        self.output_bias.zero_()
+
+    def input_embeddings(self) -> Tensor:
+        return self.embedding
+
+    def trained_tables(self) -> list[Tensor]:
+        """The parameters training changes (the output bias only when it is learned)."""
+        return [self.embedding, self.output_weight] + ([self.output_bias] if self.hparams.output_bias else [])
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if isinstance(self.sampler, UnigramSampler) and self.vocab is not None:
+            counts = getattr(self.attached_datamodule(), "word_counts", self.vocab.counts)  # UNK 0 if the data drops it
+            self.sampler.set_counts(torch.as_tensor(counts))
+        if stage != "fit" or self._trainer is None:
+            return
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        self.engine_choice = choose_engine(self.hparams, strategy.root_device, world)
+        all_reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        self.engine = build_engine(self.engine_choice, self, all_reduce_sum)
+        batch = getattr(self.attached_datamodule(), "batch_size", None)
+        pairs = self.engine_choice.update_pairs or batch
+        pairs = None if pairs is None or batch is None else min(pairs, batch)
+        self._threads = choose_threads(self.hparams.threads, pairs, self.trainer.num_devices)
+        c = self.engine_choice
+        rank_zero_info(
+            f"Word2Vec: update engine '{c.update}' ({c.reason}); "
+            + (f"updates of {c.update_pairs:,} pairs" if c.update_pairs else "one update per batch")
+            + (f"; {world} processes {'sum' if self.hparams.ddp_merge == 'sum' else 'average'} their changes after "
+               "each batch" if c.sum_deltas else "")
+            + (f"; {self._threads} torch thread(s)" if strategy.root_device.type == "cpu" else "")
+        )
+
+    # ------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        opt = self.engine.optimizer(self.trained_tables(), h.lr)  # the engine was chosen in setup("fit")
+        if h.lr_decay == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._linear_decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _linear_decay(self, step: int) -> float:
+        """word2vec's linear decay. The run's length is read at the first scheduler step, after a resumed
+        fit has restored the training loader's position (reading it in ``configure_optimizers`` would build
+        the loader before the checkpoint is loaded, and the resumed epoch would start again at batch 0)."""
+        if step == 0:
+            return 1.0
+        if self._decay_steps is None:
+            total = self.trainer.max_steps if self.hparams.step_per_update else self.trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total <= 0:
+                raise ValueError("lr_decay='linear' needs a finite run length: set trainer max_steps or max_epochs")
+            self._decay_steps = total
+        return max(1.0 - step / self._decay_steps, self.hparams.min_lr_ratio)
+
+    def on_fit_start(self) -> None:
+        self._saved_threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(self._threads)
+        # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
+        # floats, whose arithmetic is ~100x slower on x86 CPUs; flushing them to zero changes nothing else.
+        torch.set_flush_denormal(True)
+        self._reset_windows()
+
+    def on_fit_end(self) -> None:  # leave the process as we found it
+        torch.set_num_threads(self._saved_threads)
+        torch.set_flush_denormal(False)
+
+    def _reset_windows(self) -> None:
+        self._win_loss: Tensor | None = None
+        self._win_steps = 0
+        self._win_pairs = 0
+        self._win_start = time.perf_counter()
+        self._avg_loss: Tensor | None = None
+        self._avg_steps = 0
+
+    # ------------------------------------------------------------------------------ the loss
+    def sample_negatives(self, labels: Tensor, generator: torch.Generator | None = None) -> SampledValues:
+        """The negatives of a batch: one draw per ``share_negatives`` pairs (None: one for the batch)."""
+        share = self.hparams.share_negatives
+        groups = None if share is None else -(-labels.numel() // share)
+        nce = self.hparams.loss == "nce"  # negative sampling does not use expected counts
+        return self.sampler(labels, self.hparams.num_sampled, self.hparams.unique, generator, groups, expected_counts=nce)
+
+    def compute_loss(
+        self,
+        center: Tensor,
+        context: Tensor,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+        sparse: bool = False,
+    ) -> Tensor:
+        """The loss of a batch through autograd (``sparse``: sparse gradients of the rows it uses)."""
+        h = self.hparams
+        sv = self.sample_negatives(context, generator)
+        inputs = nn.functional.embedding(center, self.embedding, sparse=sparse)
+        bias = self.output_bias if h.output_bias else None
+        if h.loss == "nce":
+            return nce_loss(
+                self.output_weight, bias, context, inputs, sv,
+                remove_accidental_hits=h.remove_accidental_hits, reduction=reduction, sparse=sparse,
+            )  # fmt: skip
+        return negative_sampling_loss(
+            self.output_weight, bias, context, inputs, sv.sampled,
+            negative_weight=h.negative_weight, remove_accidental_hits=h.remove_accidental_hits,
+            reduction=reduction, sparse=sparse,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        center, context = batch
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        steps, count = [(center, context)], 1
+        if self.hparams.step_per_update:  # each update is a step (of its own lr, logged as one)
+            size = self.hparams.update_pairs
+            steps = list(zip(center.split(size), context.split(size)))
+            count = len(steps)
+            if self.trainer.world_size > 1:  # a shorter last batch on one rank: all ranks step alike
+                count = int(self.trainer.strategy.reduce(torch.tensor(count, device=center.device), reduce_op="max"))
+            if self.trainer.max_steps > 0:
+                count = min(count, self.trainer.max_steps - self.global_step)
+        self.engine.begin_batch()
+        total, pairs = 0.0, 0
+        for i in range(count):
+            lr = opt.param_groups[0]["lr"]
+            if i < len(steps):
+                c, x = steps[i]
+                loss = self.engine.train_batch(c, x, opt)  # one optimizer step: Lightning counts it
+                self._log_train(loss, c.numel(), lr)
+                total, pairs = total + loss * c.numel(), pairs + c.numel()
+            else:
+                opt.step()  # nothing left of this rank's batch: a step without pairs keeps the ranks' counts equal
+            if sched is not None:
+                sched.step()
+        self.engine.end_batch()
+        return total / max(pairs, 1)
+
+    def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
+        """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
+        self._win_loss = loss if self._win_loss is None else self._win_loss + loss
+        self._win_steps += 1
+        self._win_pairs += pairs
+        every = self.hparams.average_loss_every
+        if every:
+            self._avg_loss = loss if self._avg_loss is None else self._avg_loss + loss
+            self._avg_steps += 1
+            if self._avg_steps == every:
+                avg = float(self._avg_loss) / every
+                # straight to the loggers: written at this step even when it is not a logging step
+                for logger in self.loggers:
+                    logger.log_metrics({"train/avg_loss": avg}, step=self.global_step)
+                self.print(f"Average loss at step {self.global_step}: {avg:.3f}")
+                self._avg_loss, self._avg_steps = None, 0
+        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if self.global_step % max(log_every, 1) != 0:
+            return
+        now = time.perf_counter()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if not math.isfinite(float(self._win_loss)):
+            raise FloatingPointError(
+                f"Word2Vec diverged (training loss {float(self._win_loss)} at step {self.global_step}): lower "
+                f"model.lr (now {self.hparams.lr}) or model.update_pairs -- with reduction='sum' a frequent word "
+                "gets the summed step of all its occurrences in an update"
+            )
+        metrics = {
+            "train/loss": self._win_loss / self._win_steps,
+            "lr": lr,
+            "train/pairs_per_sec": world * self._win_pairs / max(now - self._win_start, 1e-9),
+        }
+        if self.hparams.step_per_update:
+            # Lightning writes what self.log holds once per batch, at its batch count; here a batch holds
+            # many steps, so the figures go to the loggers at this step, as the average loss does
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
+            self.trainer.callback_metrics.update({k: torch.as_tensor(float(v)) for k, v in metrics.items()})
+        else:
+            for name, value in metrics.items():
+                self.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
+        self._win_loss, self._win_steps, self._win_pairs, self._win_start = None, 0, 0, now
+
+    # ------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        # the same negatives at every validation, so val/loss is comparable across epochs
+        self._val_generator = torch.Generator(device=self.device).manual_seed(1234)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
+        center, context = batch
+        loss = self.compute_loss(center, context, self._val_generator)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=center.numel(), sync_dist=True)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if self.vocab is None:
+            return
+        wv = self.word_vectors()
+        self._log_neighbours(wv)
+        if self.hparams.evaluate:
+            for name, value in self.evaluate(wv).items():
+                self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
+
+    @torch.no_grad()
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Probability the model gives each ``(center, context)`` pair of being a true pair: sigmoid(score)."""
+        center, context = batch
+        score = (self.embedding[center] * self.output_weight[context]).sum(-1)
+        if self.hparams.output_bias:
+            score = score + self.output_bias[context]
+        return torch.sigmoid(score.float())
+
+    def _log_neighbours(self, wv: WordVectors) -> None:
+        words = [w for w in self.probe_words if w in wv]
+        if not words or not isinstance(self.logger, TensorBoardLogger):
+            return
+        lines = ["| word | nearest neighbours |", "| --- | --- |"]
+        for w in words:
+            near = ", ".join(f"{n} ({s:.2f})" for n, s in wv.most_similar(w, topn=self.hparams.probe_topn))
+            lines.append(f"| {w} | {near} |")
+        self.logger.experiment.add_text("nearest_neighbours", "\n".join(lines), self.global_step)
+
+    def evaluate(self, wv: WordVectors | None = None) -> dict[str, float]:
+        """Analogy accuracy and Spearman correlations on the configured (or gensim's) files."""
+        wv = wv or self.word_vectors()
+        h = self.hparams
+        out: dict[str, float] = {}
+        analogies = h.eval_analogies or _gensim_file_or_none(EVAL_FILES["analogies"])
+        if analogies:
+            acc, sections = wv.evaluate_word_analogies(analogies, restrict_vocab=h.eval_restrict_vocab)
+            out["analogy_acc"] = acc
+            out["analogy_coverage"] = sections[-1]["coverage"]
+        pair_files = h.eval_pairs
+        if pair_files is None:
+            pair_files = [p for p in (_gensim_file_or_none(EVAL_FILES[k]) for k in ("wordsim353", "simlex999")) if p]
+        for path in pair_files:
+            name = _stem(path)
+            try:
+                _, spearman, _ = wv.evaluate_word_pairs(path, restrict_vocab=h.eval_restrict_vocab)
+            except ValueError as err:  # e.g. a tiny vocabulary covering fewer than 2 pairs
+                warnings.warn(f"skipping {path}: {err}", stacklevel=2)
+                continue
+            out[f"{name}_spearman"] = spearman
+        return out
+
+    # ------------------------------------------------------------------------------ gensim-like API
+    def most_similar(self, positive: Any = None, negative: Any = None, topn: int = 10) -> list[tuple[str, float]]:
+        return self.word_vectors().most_similar(positive, negative, topn)
+
+    def evaluate_word_analogies(self, path: str | None = None, **kwargs: Any) -> tuple[float, list[dict]]:
+        return self.word_vectors().evaluate_word_analogies(path, **kwargs)
+
+    def evaluate_word_pairs(self, path: str | None = None, **kwargs: Any) -> tuple[float, float, float]:
+        return self.word_vectors().evaluate_word_pairs(path, **kwargs)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+
+
+def _gensim_file_or_none(name: str) -> str | None:
+    try:
+        return default_eval_file(name)
+    except FileNotFoundError:
+        return None
+
+
+def _stem(path: str) -> str:
+    import os
+
+    return os.path.splitext(os.path.basename(path))[0]
