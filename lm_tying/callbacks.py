@@ -197,6 +197,7 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self.every_n_minutes = every_n_minutes or 0.0
         self._last_save_time = time.monotonic()
+        self._step_seen = 0
 
     def _save_last_now(self, trainer: pl.Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -211,6 +212,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_save_time = time.monotonic()
+        self._step_seen = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -219,8 +221,11 @@ class LastCheckpoint(ModelCheckpoint):
         # parent warns about "pre-optimization state": last.ckpt is meant to hold the state after the step).
         if self._should_skip_saving_checkpoint(trainer):
             return
-        every = self._every_n_train_steps
-        due = every >= 1 and trainer.global_step % every == 0
+        every, step = self._every_n_train_steps, trainer.global_step
+        # "crossed a multiple" rather than "is a multiple": a step may advance global_step by more than one
+        # (word2vec's step_per_update counts each update it carries)
+        due = every >= 1 and self._step_seen // every < step // every
+        self._step_seen = step
         # The step that reaches max_steps is saved *here*, mid-epoch: by on_train_end Lightning has already marked
         # the epoch as finished, and a checkpoint taken then would resume at the start of the next epoch.
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step

@@ -240,6 +240,41 @@ def test_last_ckpt_is_also_written_on_a_clock(tmp_path, monkeypatch):
     assert load_ckpt(tmp_path / "last.ckpt")["global_step"] == 7
 
 
+def test_last_ckpt_is_written_when_a_step_crosses_the_interval(tmp_path):
+    """A training step that counts several optimizer steps (word2vec's step_per_update) still saves at every
+    interval it crosses, not only when global_step lands on a multiple of it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    import lm_tying.callbacks as callbacks
+
+    class ThreeStepsABatch(BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            for _ in range(3):
+                opt.zero_grad()
+                self.manual_backward(self.step(batch))
+                opt.step()
+
+    saved_at = []
+
+    class Record(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            saved_at.append(trainer.global_step)
+
+    last = callbacks.LastCheckpoint(str(tmp_path), every_n_train_steps=5, every_n_minutes=0)
+    trainer = pl.Trainer(
+        max_steps=18, callbacks=[Record(), last], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(ThreeStepsABatch())
+    assert saved_at == [6, 12, 15, 18]
+
+
 def test_the_cli_saves_last_ckpt_every_few_minutes_by_default(tmp_path, capsys):
     import yaml
 
