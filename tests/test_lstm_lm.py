@@ -157,7 +157,7 @@ def test_tie_under_torch_compile(monkeypatch):
     compiled = tiny(30, 8, 8, compile=True)
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
-    assert compiled._compiled_forward is not None
+    assert compiled._compiled_features is not None
     inputs, targets = batch(30)
     for model in (eager, compiled):
         model._loss(model(inputs)[0], targets).backward()
