@@ -551,28 +551,3 @@ def test_embedding_init_from_a_word2vec_checkpoint(make_corpus, tmp_path):
     assert model.init_embedding_from(tmp_path / "w2v.ckpt") == pytest.approx(30 / 31)  # UNK and 29 words
     for i, word in enumerate(model.vocab.words[:-1]):
         torch.testing.assert_close(model.embedding.weight[i], torch.as_tensor(vectors[word]))
-
-
-# ---------------------------------------------------------------------- configs
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.mark.parametrize("name", ["lstm_lm.yaml", "lstm_lm_untied.yaml", "lstm_lm_from_word2vec.yaml"])
-def test_configs_instantiate_and_agree(name):
-    yaml = pytest.importorskip("yaml")
-    cfg = yaml.safe_load((CONFIGS / name).read_text())
-    assert cfg["model"]["class_path"] == "lm_tying.models.lstm_lm.LSTMLanguageModel"
-    model = LSTMLanguageModel(vocab_size=100, **cfg["model"]["init_args"])
-    data = Text8DataModule(**cfg["data"]["init_args"])
-    assert data.mode == "lm" and 10_000 <= data.vocab_size <= 50_000
-    assert cfg["trainer"]["gradient_clip_val"] == 0.25
-    assert model.is_tied == (name != "lstm_lm_untied.yaml")
-    base = yaml.safe_load((CONFIGS / "lstm_lm.yaml").read_text())
-    if name == "lstm_lm_untied.yaml":  # the same network and recipe, only untied
-        assert {**cfg["model"]["init_args"], "tie_weights": True} == base["model"]["init_args"]
-        assert cfg["data"] == base["data"] and cfg["trainer"] == base["trainer"]
-    if name == "lstm_lm_from_word2vec.yaml":  # E must be the word2vec vectors' width
-        word2vec = yaml.safe_load((CONFIGS / "word2vec.yaml").read_text())
-        assert model.hparams.embedding_dim == word2vec["model"]["init_args"]["embedding_dim"]
-        assert model.projection is not None and model.hparams.embedding_init.endswith("word2vec/last.ckpt")
