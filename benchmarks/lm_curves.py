@@ -20,6 +20,12 @@ one after another on the GPU. Every ``--eval_every`` seconds of training each on
 scores the first ``--eval_tokens`` tokens of the validation split (full softmax), and at the end the
 first ``--final_tokens`` (default: the whole split; 50,000 logits per token make that minutes on a CPU). Writes ``--out``.png (perplexity against training seconds and against tokens)
 and ``--out``.md (the table), plus the raw points as JSON.
+
+``--throughput`` instead measures training tokens per CPU-second (one thread, random batches of the 50k
+vocabulary, so no corpus is read) of the networks of configs/lstm_lm.yaml and of its CPU overlay: CPU time,
+unlike wall time, holds up when other processes share the machine.
+
+    python benchmarks/lm_curves.py --throughput
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", required=True, help="text8 or text8-head (.zip or plain text)")
+    p.add_argument("--corpus", help="text8 or text8-head (.zip or plain text)")
     p.add_argument("--word2vec", default="checkpoints/word2vec/last.ckpt", help="vectors for the w2v variants")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--budget", type=float, default=600, help="seconds of training per variant")
@@ -73,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_dir", default="data")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--out", default="docs/lm_curves", help="writes OUT.png, OUT.md and OUT.json")
+    p.add_argument("--throughput", action="store_true", help="tokens per CPU-second of the configs' networks")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, write its JSON
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -189,7 +196,7 @@ def run_variant(args: argparse.Namespace) -> None:
     final = timer._record(trainer, model, args.final_tokens)
     result = {
         "variant": args.variant,
-        "points": timer.points,
+        "points": timer.points[:-1],  # the curve: every point on the same --eval_tokens
         "final": final,
         "parameters": model.num_parameters(),
         "trainable": model.num_parameters(trainable_only=True),
@@ -250,7 +257,7 @@ def write_table(args: argparse.Namespace, results: list[dict[str, Any]], path: P
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], path: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,19 +270,55 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot([p[key] for p in points], [p["val_ppl"] for p in points], marker="o", ms=3, label=r["variant"])
     axes[0].set_xlabel("training wall time (s)")
     axes[1].set_xlabel("training tokens")
-    axes[0].set_ylabel("validation perplexity (full softmax)")
+    axes[0].set_ylabel(f"val perplexity, first {args.eval_tokens:,} tokens (full softmax)")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend()
-    fig.suptitle("LSTM LM on text8-head, 50k vocabulary, same wall time per variant")
+    fig.suptitle(f"LSTM LM on text8-head, 50k vocabulary, same wall time per variant (seed {args.seed})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# (name, config overrides of configs/lstm_lm.yaml): the networks the configs train
+CONFIG_NETWORKS = {
+    "lstm_lm.yaml (650, full softmax)": dict(embedding_dim=650, hidden_dim=650, dropout=0.3, loss="full"),
+    "+ lstm_lm_cpu.yaml (256, sampled softmax)": dict(embedding_dim=256, hidden_dim=256, dropout=0.2, loss="sampled"),
+}
+
+
+def throughput(vocab_size: int = 50_000, batch_size: int = 64, bptt: int = 35, steps: int = 3) -> None:
+    """Median training tokens per CPU-second of one SGD step with clipping, on one thread."""
+    torch.set_num_threads(1)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; batch {batch_size} x bptt {bptt}")
+    for name, net in CONFIG_NETWORKS.items():
+        torch.manual_seed(0)
+        dropout = net.pop("dropout")
+        model = LSTMLanguageModel(vocab_size, **net, dropout_embedding=dropout, dropout_lstm=dropout,
+                                  dropout_output=dropout, num_sampled=1024, sample_prompts=None)  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        batch = (torch.randint(0, vocab_size, (batch_size, bptt)), torch.randint(0, vocab_size, (batch_size, bptt)))
+        seconds = []
+        for step in range(steps + 1):  # the first step warms up
+            started = time.process_time()
+            loss = model.training_step(batch, step)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step()
+            seconds.append(time.process_time() - started)
+        rate = batch_size * bptt / sorted(seconds[1:])[steps // 2]
+        print(f"{name}: {rate:,.0f} tokens per CPU-second; full text8 (15.3M tokens): {15.3e6 / rate / 3600:.1f} CPU-hours")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.throughput:
+        throughput(args.vocab_size)
+        return
+    if args.corpus is None:
+        raise SystemExit("--corpus is required (the text8 or text8-head file)")
     if args.variant:
         run_variant(args)
         return
@@ -290,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_table(args, results, out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), args)
     print(f"wrote {out.with_suffix('.png')}, {out.with_suffix('.md')} ({time.time() - started:.0f} s)")
 
 
