@@ -486,10 +486,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lm_tying.data import Text8DataModule
 from lm_tying.models.lstm_lm import LSTMLanguageModel
 
-tmp, corpus, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+tmp, corpus, mode, loss = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 torch.manual_seed(0)
 model = LSTMLanguageModel(50, 8, 8, num_layers=2, optimizer="adam", lr=0.01, dropout_embedding=0.0,
-                          dropout_lstm=0.0, dropout_output=0.0)
+                          dropout_lstm=0.0, dropout_output=0.0, loss=loss, num_sampled=8)
 data = Text8DataModule(path=corpus, data_dir=str(tmp / "data"), vocab_size=50, mode="lm", batch_size=4,
                        bptt=8, eval_batch_size=2, num_workers=0, split=(0.8, 0.1, 0.1))
 callbacks = [ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=3, save_top_k=-1)] if mode == "full" else []
@@ -504,8 +504,12 @@ out = {"val_ppl": trainer.callback_metrics["val/ppl"].item(), "tied": model.is_t
 '''
 
 
-def test_ddp_two_processes_resume_exactly(make_corpus, tmp_path):
-    """2 gloo processes: each rank's carried state goes into the checkpoint; resume matches; ranks agree."""
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_ddp_two_processes_resume_exactly(make_corpus, tmp_path, loss):
+    """2 gloo processes: each rank's carried state goes into the checkpoint; resume matches; ranks agree.
+
+    With the sampled softmax the tie holds too, and the ranks draw the same negatives (same seed), whose
+    generator state rank 0 writes and every rank restores."""
     import json
     import os
     import subprocess
@@ -517,7 +521,7 @@ def test_ddp_two_processes_resume_exactly(make_corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     for mode in ("full", "resume"):
         proc = subprocess.run(
-            [sys.executable, str(script), str(tmp_path), str(corpus), mode],
+            [sys.executable, str(script), str(tmp_path), str(corpus), mode, loss],
             capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
