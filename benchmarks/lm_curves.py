@@ -14,11 +14,11 @@ same wall time (``--budget`` seconds of training; evaluation time is not counted
 * ``sampled`` / ``sampled_w2v``: tied, sampled softmax (``--num_sampled`` log-uniform draws per batch),
   from a random / the word2vec start.
 
-On a CPU the variants run at the same time, niced, one process and one thread each, so they share
-whatever load the machine has (the table reports the load average); with ``--accelerator gpu`` they run
-one after another on the GPU. Every ``--eval_every`` seconds of training each one
-scores the first ``--eval_tokens`` tokens of the validation split (full softmax), and at the end the
-first ``--final_tokens`` (default: the whole split; 50,000 logits per token make that minutes on a CPU). Writes ``--out``.png (perplexity against training seconds and against tokens)
+The variants run at the same time on the CPU, niced, one process and one thread each, so they share
+whatever load the machine has (the table reports the load average). Every ``--eval_every`` seconds of
+training each one scores the first ``--eval_tokens`` tokens of the validation split (full softmax), and at the end the
+first ``--final_tokens`` (default: the whole split; 50,000 logits per token make that minutes on a CPU).
+Writes ``--out``.png (perplexity against training seconds and against tokens)
 and ``--out``.md (the table), plus the raw points as JSON.
 
 ``--throughput`` instead measures training tokens per CPU-second (one thread, random batches of the 50k
@@ -77,7 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_dir", default="data")
-    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--out", default="docs/lm_curves", help="writes OUT.png, OUT.md and OUT.json")
     p.add_argument("--throughput", action="store_true", help="tokens per CPU-second of the configs' networks")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, write its JSON
@@ -105,7 +104,6 @@ def perplexity(model: LSTMLanguageModel, loader: Any, max_tokens: int | None) ->
     model.eval()
     nll, count, hidden = 0.0, 0, None
     for inputs, targets in loader:
-        inputs, targets = inputs.to(model.device), targets.to(model.device)
         logits, hidden = model(inputs, hidden)
         nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
         count += targets.numel()
@@ -145,8 +143,6 @@ class TimedEvaluation(Callback):
         self._since, self._cpu_since = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, model: LSTMLanguageModel, outputs, batch, batch_idx) -> None:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)  # the step's time, not the time to queue it
         self.train_seconds += time.perf_counter() - self._since
         self.cpu_seconds += time.process_time() - self._cpu_since
         self.tokens += batch[1].numel()
@@ -159,8 +155,7 @@ class TimedEvaluation(Callback):
 
 
 def run_variant(args: argparse.Namespace) -> None:
-    if args.accelerator == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     L.seed_everything(args.seed, verbose=False)
     data = data_module(args)
     data.prepare_data()
@@ -181,7 +176,7 @@ def run_variant(args: argparse.Namespace) -> None:
     )
     timer = TimedEvaluation(args.budget, args.eval_every, args.eval_tokens)
     trainer = L.Trainer(
-        accelerator=args.accelerator,
+        accelerator="cpu",
         devices=1,
         max_epochs=1000,
         gradient_clip_val=0.25,
@@ -207,7 +202,7 @@ def run_variant(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
-    """All variants at once, niced, one thread each (on a GPU: one after another); returns their results."""
+    """All variants at once, niced, one thread each; returns their results."""
     data_module(args).prepare_data()  # build the cache once, before the processes read it
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +213,6 @@ def launch(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
         log = open(out.with_name(f"{out.name}.{name}.log"), "w")
         cmd = ["nice", "-n", "10", sys.executable, __file__, *argv, "--variant", name, "--result", str(result)]
         procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), result, log)
-        if args.accelerator == "gpu":
-            procs[name][0].wait()
     loads = []
     while any(p.poll() is None for p, _, _ in procs.values()):
         loads.append(os.getloadavg()[0])
@@ -237,15 +230,11 @@ def launch(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
 def write_table(args: argparse.Namespace, results: list[dict[str, Any]], path: Path) -> None:
     full_tps = {r["variant"]: r["tokens_per_sec"] for r in results}.get("tied")
     lines = [
-        f"Training budget {args.budget:.0f} s per variant (evaluation not counted), "
-        + (
-            f"{torch.cuda.get_device_name()}, one variant after another."
-            if args.accelerator == "gpu"
-            else f"all variants at once, one thread each, mean 1-min load average {results[0]['load_avg']:.1f} "
-            f"on {os.cpu_count()} CPUs."
-        ),
+        f"Training budget {args.budget:.0f} s per variant (evaluation not counted), all variants at once, one "
+        f"thread each, mean 1-min load average {results[0]['load_avg']:.1f} on {os.cpu_count()} CPUs.",
         "",
-        f"| variant | val ppl (first {args.final_tokens or 'all'} tokens) | training tokens | tokens/s | vs tied full softmax | parameters (trainable) |",
+        f"| variant | val ppl (first {args.final_tokens or 'all'} tokens) | training tokens | tokens/s "
+        "| vs tied full softmax | parameters (trainable) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
@@ -308,7 +297,8 @@ def throughput(vocab_size: int = 50_000, batch_size: int = 64, bptt: int = 35, s
             opt.step()
             seconds.append(time.process_time() - started)
         rate = batch_size * bptt / sorted(seconds[1:])[steps // 2]
-        print(f"{name}: {rate:,.0f} tokens per CPU-second; full text8 (15.3M tokens): {15.3e6 / rate / 3600:.1f} CPU-hours")
+        hours = 15.3e6 / rate / 3600
+        print(f"{name}: {rate:,.0f} tokens per CPU-second; full text8 (15.3M tokens): {hours:.1f} CPU-hours")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,12 @@ def test_overlays_change_few_settings_and_cannot_run_alone():
 
 @pytest.mark.parametrize(
     "stack",
-    [[BASE], [BASE, "lstm_lm_cpu.yaml"], [BASE, "lstm_lm_untied.yaml"], [BASE, "lstm_lm_cpu.yaml", "lstm_lm_from_word2vec.yaml"]],
+    [
+        [BASE],
+        [BASE, "lstm_lm_cpu.yaml"],
+        [BASE, "lstm_lm_untied.yaml"],
+        [BASE, "lstm_lm_cpu.yaml", "lstm_lm_from_word2vec.yaml"],
+    ],
     ids=lambda stack: "+".join(Path(c).stem for c in stack),
 )
 def test_shipped_config_trains_with_finite_loss(stack, tmp_path, monkeypatch, make_corpus):
@@ -63,7 +68,8 @@ def test_shipped_config_trains_with_finite_loss(stack, tmp_path, monkeypatch, ma
             *["--data.path", str(corpus), "--data.vocab_size", "60", "--data.batch_size", "4", "--data.bptt", "8"],
             *["--data.eval_batch_size", "2", "--data.num_workers", "0"],
             *["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2"],
-            *["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"],
+            *["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"],
+            *["--trainer.accelerator", "cpu"],
         ]
     )
     metrics = cli.trainer.callback_metrics

@@ -1,9 +1,8 @@
-"""The LM with a sampled softmax: one tied Parameter through both uses, full softmax at evaluation, the tie
-and the draws through checkpoints, resume and compile, bf16 on CPUs with and without bf16 LSTM support."""
+"""The LM with a sampled softmax: one tied Parameter through both uses, full softmax at evaluation, compile,
+bf16 on CPUs with and without bf16 LSTM support (checkpoints, resume and DDP: tests/test_lstm_lm.py)."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import shutil
@@ -11,21 +10,14 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm_tying.models import lstm_lm
 from lm_tying.models.lstm_lm import LSTMLanguageModel
 from lm_tying.nce import LogUniformSampler, UnigramSampler
 from test_lstm_lm import CYCLE, batch, lm_data, tiny, trainer
+from test_lstm_lm import pytestmark as lm_warnings
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*self.log.*trainer.*not registered.*"),
-    pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*ReduceLROnPlateau conditioned on metric.*"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`.*"),
-    pytest.mark.filterwarnings("ignore:.*cannot run the LSTM in bf16.*"),
-]
+pytestmark = [*lm_warnings, pytest.mark.filterwarnings("ignore:.*cannot run the LSTM in bf16.*")]
 
 
 def sampled(vocab_size: int = 30, embedding_dim: int = 8, hidden_dim: int = 8, **kwargs) -> LSTMLanguageModel:
@@ -96,36 +88,6 @@ def test_sampled_training_learns_the_pattern(make_corpus, tmp_path, sampler):
     if sampler == "unigram":  # the tables were filled from the vocabulary's counts at setup
         counts = torch.as_tensor(model.vocab.counts, dtype=torch.float64)
         torch.testing.assert_close(model.sampler.probs_table, counts / counts.sum())
-
-
-def test_checkpoint_keeps_tie_and_resume_draws_what_the_uninterrupted_run_drew(make_corpus, tmp_path):
-    corpus = make_corpus(" ".join([CYCLE] * 60))
-    kwargs = dict(num_sampled=4, optimizer="adam", lr=0.01, lr_decay_factor=1.0)
-    torch.manual_seed(0)
-    full = sampled(9, 8, 12, **kwargs)  # with a projection
-    initial = copy.deepcopy(full.state_dict())
-    trainer(tmp_path / "a", max_steps=8, limit_val_batches=0).fit(full, lm_data(corpus, tmp_path))
-
-    torch.manual_seed(0)
-    interrupted = sampled(9, 8, 12, **kwargs)
-    interrupted.load_state_dict(initial)
-    every3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    run = trainer(tmp_path / "b", max_steps=3, limit_val_batches=0, enable_checkpointing=True, callbacks=[every3])
-    run.fit(interrupted, lm_data(corpus, tmp_path))
-    ckpt = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
-    assert torch.load(ckpt, weights_only=False)["lstm_lm"]["sample_generator"] is not None
-
-    loaded = LSTMLanguageModel.load_from_checkpoint(ckpt)
-    assert loaded.is_tied and loaded.hparams.loss == "sampled"
-    loaded.embedding.weight.data.add_(1.0)
-    assert torch.equal(loaded.decoder.weight, loaded.embedding.weight)
-
-    torch.manual_seed(123)  # another global seed: the draws must come from the checkpoint's generator
-    resumed = sampled(9, 8, 12, **kwargs)
-    trainer(tmp_path / "c", max_steps=8, limit_val_batches=0).fit(resumed, lm_data(corpus, tmp_path), ckpt_path=ckpt)
-    assert resumed.is_tied
-    for key, value in full.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
 
 
 def test_sampled_loss_under_torch_compile(monkeypatch):

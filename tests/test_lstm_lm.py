@@ -240,9 +240,12 @@ def test_module_level_resume_continues_exactly(tmp_path):
     assert step(fresh, torch.optim.SGD(fresh.parameters(), lr=1.0), batches[2]) != expected[0]
 
 
-def test_trainer_resume_mid_epoch_matches_uninterrupted(make_corpus, tmp_path):
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_trainer_resume_mid_epoch_matches_uninterrupted(make_corpus, tmp_path, loss):
+    """With the sampled softmax the negatives' generator travels in the checkpoint, so the resumed run
+    draws what the uninterrupted one drew, whatever the global seed."""
     corpus = make_corpus(" ".join([CYCLE] * 60))
-    kwargs = dict(optimizer="adam", lr=0.01, lr_decay_factor=1.0)
+    kwargs = dict(optimizer="adam", lr=0.01, lr_decay_factor=1.0, loss=loss, num_sampled=4)
 
     torch.manual_seed(0)
     full = tiny(9, 8, 8, **kwargs)
@@ -255,8 +258,10 @@ def test_trainer_resume_mid_epoch_matches_uninterrupted(make_corpus, tmp_path):
     run = trainer(tmp_path / "b", max_steps=3, limit_val_batches=0, enable_checkpointing=True, callbacks=[every3])
     run.fit(interrupted, lm_data(corpus, tmp_path))
     ckpt = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
-    assert torch.load(ckpt, weights_only=False)["lstm_lm"]["train_hidden"] is not None
+    stored = torch.load(ckpt, weights_only=False)["lstm_lm"]
+    assert stored["train_hidden"] is not None and (stored["sample_generator"] is not None) == (loss == "sampled")
 
+    torch.manual_seed(123)
     resumed = tiny(9, 8, 8, **kwargs)
     trainer(tmp_path / "c", max_steps=8, limit_val_batches=0).fit(resumed, lm_data(corpus, tmp_path), ckpt_path=ckpt)
     assert resumed.is_tied
@@ -315,14 +320,15 @@ def test_bf16_mixed_trains_with_finite_loss(make_corpus, tmp_path):
 # ---------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoint_round_trip_keeps_tie_and_vocabulary(make_corpus, tmp_path):
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_checkpoint_round_trip_keeps_tie_and_vocabulary(make_corpus, tmp_path, loss):
     corpus = make_corpus(" ".join([CYCLE] * 40))
-    model = tiny(9, 8, 12)  # with a projection
+    model = tiny(9, 8, 12, loss=loss, num_sampled=4)  # with a projection
     run = trainer(tmp_path, max_steps=2, limit_val_batches=1)
     run.fit(model, lm_data(corpus, tmp_path))
     run.save_checkpoint(tmp_path / "m.ckpt")
     loaded = LSTMLanguageModel.load_from_checkpoint(tmp_path / "m.ckpt")
-    assert loaded.is_tied and loaded.vocab == model.vocab
+    assert loaded.is_tied and loaded.vocab == model.vocab and loaded.hparams.loss == loss
     torch.testing.assert_close(loaded.embedding.weight, model.embedding.weight)
     loaded.embedding.weight.data.add_(1.0)
     assert torch.equal(loaded.decoder.weight, loaded.embedding.weight)

@@ -140,7 +140,10 @@ def test_unbiased_enough_to_rank_models_like_the_full_softmax():
     full = [torch.nn.functional.cross_entropy(x @ weights.T, labels).item() for x in (good, bad)]
     sampler, gen = UnigramSampler(V_big, torch.ones(V_big), power=1.0), torch.Generator().manual_seed(0)
     sampled = [
-        sum(sampled_softmax_loss(weights, None, labels, x, sampler(labels, 200, generator=gen)).item() for _ in range(20))
+        sum(
+            sampled_softmax_loss(weights, None, labels, x, sampler(labels, 200, generator=gen)).item()
+            for _ in range(20)
+        )
         for x in (good, bad)
     ]
     assert full[0] < full[1] and sampled[0] < sampled[1]

@@ -346,7 +346,9 @@ class LSTMLanguageModel(WordEmbeddingModule):
                 try:
                     self._sample_generator.set_state(self._sample_generator_state)
                 except RuntimeError:  # e.g. a CPU generator's state resumed on a GPU
-                    rank_zero_warn("the checkpoint's sampler state does not fit this device: draws restart from the seed")
+                    rank_zero_warn(
+                        "the checkpoint's sampler state does not fit this device: draws restart from the seed"
+                    )
                 self._sample_generator_state = None
         hp = self.hparams
         sampled = self.sampler(labels, hp.num_sampled, unique=True, generator=self._sample_generator)
