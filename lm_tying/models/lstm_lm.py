@@ -20,6 +20,7 @@ Lightning 2.x has no built-in TBPTT, so the module does it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -644,31 +645,25 @@ class LSTMLanguageModel(WordEmbeddingModule):
             lg.experiment.add_text("samples", text, global_step=self.global_step)
 
 
-# ---------------------------------------------------------------------- perplexity
-
-
-_BF16_LSTM_SUPPORT: bool | None = None
-
-
+@functools.cache
 def cpu_runs_bf16_lstm() -> bool:
     """Whether this CPU runs ``nn.LSTM`` under bf16 autocast (oneDNN needs bf16 instructions, e.g. AVX-512).
 
     Probed once with a tiny LSTM: the capability checks oneDNN uses are not public.
     """
-    global _BF16_LSTM_SUPPORT
-    if _BF16_LSTM_SUPPORT is None:
-        probe = nn.LSTM(4, 4)
-        try:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                probe(torch.zeros(2, 1, 4))
-            _BF16_LSTM_SUPPORT = True
-        except RuntimeError:
-            _BF16_LSTM_SUPPORT = False
-            rank_zero_warn(
-                "this CPU cannot run the LSTM in bf16 (oneDNN has no bf16 LSTM for it): under bf16-mixed the "
-                "LSTM runs in float32 and the rest in bf16; precision 32 is faster on such CPUs"
-            )
-    return _BF16_LSTM_SUPPORT
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.LSTM(4, 4)(torch.zeros(2, 1, 4))
+        return True
+    except RuntimeError:
+        rank_zero_warn(
+            "this CPU cannot run the LSTM in bf16 (oneDNN has no bf16 LSTM for it): under bf16-mixed the "
+            "LSTM runs in float32 and the rest in bf16; precision 32 is faster on such CPUs"
+        )
+        return False
+
+
+# ---------------------------------------------------------------------- perplexity
 
 
 class TokenNLL(Metric):
