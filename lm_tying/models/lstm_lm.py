@@ -658,7 +658,7 @@ def cpu_runs_bf16_lstm() -> bool:
     except RuntimeError:
         rank_zero_warn(
             "this CPU cannot run the LSTM in bf16 (oneDNN has no bf16 LSTM for it): under bf16-mixed the "
-            "LSTM runs in float32 and the rest in bf16; precision 32 is faster on such CPUs"
+            "LSTM runs in float32 and the rest in bf16"
         )
         return False
 
