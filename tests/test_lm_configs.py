@@ -22,13 +22,16 @@ def load(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
-def test_overlays_change_few_settings_and_cannot_run_alone():
+def test_overlays_change_few_settings_and_cannot_run_alone(capsys):
     """An overlay names no model class: alone it fails to parse instead of silently training defaults."""
     assert set(OVERLAYS) == {"lstm_lm_cpu.yaml", "lstm_lm_from_word2vec.yaml", "lstm_lm_untied.yaml"}
     base = load(BASE)
     for name in OVERLAYS:
         overlay = load(name)
         assert "class_path" not in overlay["model"] and "seed_everything" not in overlay
+        with pytest.raises(SystemExit) as exited:
+            LmTyingCLI(args=["fit", f"--config={CONFIGS / name}"], run=False)
+        assert exited.value.code != 0 and "model" in capsys.readouterr().err
         for section, values in overlay.items():
             assert set(values["init_args"]) <= set(base[section]["init_args"]) | {"embedding_init", "freeze_embedding"}
     assert load("lstm_lm_from_word2vec.yaml")["model"]["init_args"]["embedding_dim"] == (
