@@ -468,3 +468,48 @@ def negative_sampling_loss(
         samp_term = samp_term.masked_fill(accidental_hits(labels, sampled), 0.0)
     loss = F.softplus(-true_logits[:, 0]) + negative_weight * samp_term.sum(1)
     return _reduce(loss, reduction)
+
+
+# The LM's sampled softmax, appended here beside nce_loss (it shares the samplers and sampled_logits).
+__all__ += ["sampled_softmax_loss"]
+
+
+def sampled_softmax_loss(
+    weights: Tensor,
+    biases: Tensor | None,
+    labels: Tensor,
+    inputs: Tensor,
+    sampled_values: SampledValues | tuple[Tensor, Tensor, Tensor],
+    remove_accidental_hits: bool = True,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> Tensor:
+    """Sampled softmax loss (Jean et al. 2015) with exactly the semantics of ``tf.nn.sampled_softmax_loss``.
+
+    Args:
+        weights: output weights ``[V, D]`` (for a tied LM: the embedding matrix itself, so the sampled
+            rows' gradients land in the one shared Parameter); biases: ``[V]`` or None.
+        labels: true classes ``[B]`` or ``[B, num_true]``; inputs: ``[B, D]`` (the decoder's inputs).
+        sampled_values: ``(sampled[K], true_expected_count, sampled_expected_count)`` from a sampler,
+            shared by the whole batch.
+        remove_accidental_hits: a sampled class equal to a true class of an example gets logit
+            ``-FLT_MAX`` for that example, so it does not compete with itself (TF's default: on).
+
+    Per example: the softmax cross-entropy over the ``num_true + K`` logits ``s_j - log E_j`` (the
+    "log Q" correction: E_j is the class's expected count among the draws), with target ``1 / num_true``
+    on the true classes and 0 on the sampled ones. As K grows to cover the vocabulary it tends to the
+    full softmax's cross-entropy; the cost is ``(num_true + K) x D`` per example instead of ``V x D``.
+    """
+    sampled, true_count, samp_count = sampled_values[0], sampled_values[1], sampled_values[2]
+    if sampled.dim() != 1:
+        raise ValueError("sampled_softmax_loss takes negatives shared by the whole batch (sampled of shape [K])")
+    if true_count is None or samp_count is None:
+        raise ValueError("sampled_softmax_loss needs the expected counts: sample with expected_counts=True")
+    true_logits, samp_logits = sampled_logits(weights, biases, labels, inputs, sampled)
+    true_logits = true_logits - true_count.float().view_as(true_logits).log()
+    samp_logits = samp_logits - samp_count.float().log()
+    if remove_accidental_hits:
+        samp_logits = samp_logits.masked_fill(accidental_hits(labels, sampled), torch.finfo(torch.float32).min)
+    log_probs = torch.cat([true_logits, samp_logits], dim=1).log_softmax(dim=1)
+    num_true = true_logits.shape[1]
+    loss = -log_probs[:, :num_true].sum(1) / num_true  # targets 1/num_true on the true classes, 0 elsewhere
+    return _reduce(loss, reduction)

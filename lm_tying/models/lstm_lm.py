@@ -20,6 +20,7 @@ Lightning 2.x has no built-in TBPTT, so the module does it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lm_tying.models.base import WordEmbeddingModule
+from lm_tying.nce import UnigramSampler, make_sampler, sampled_softmax_loss
 
 Hidden = tuple[Tensor, Tensor]  # (h, c), each [num_layers, B, H]
 
@@ -72,7 +74,18 @@ class LSTMLanguageModel(WordEmbeddingModule):
             text (``.txt``/``.vec``) or binary (``.bin``) vectors file. Their dimension must equal E.
         freeze_embedding: Do not train the embedding. With ``tie_weights`` the decoder is the same
             matrix, so it is frozen too (only the decoder bias, the LSTM and the projection learn).
-        compile: ``torch.compile`` the forward pass (see ``configure_model``).
+        loss: Training loss. ``full``: cross-entropy over the whole vocabulary. ``sampled``: sampled softmax
+            (Jean et al. 2015, ``tf.nn.sampled_softmax_loss``) over the true word and ``num_sampled``
+            words drawn once per batch, rows of the same tied matrix; its cost no longer grows with the
+            vocabulary. Validation, test and generation always use the full softmax, so perplexities
+            stay comparable.
+        num_sampled: Words drawn per batch (shared by every token of it) for ``loss: sampled``.
+        sampler: ``log_uniform`` (Zipfian over frequency-sorted ids, TF's default; needs no counts) or
+            ``unigram`` (corpus counts ** ``sampler_power``, from the data's vocabulary).
+        sampler_power: Exponent of the counts for the ``unigram`` sampler.
+        remove_accidental_hits: With ``loss: sampled``, a drawn word equal to a token's target does not
+            count as a negative for that token (TF's default).
+        compile: ``torch.compile`` the network up to the decoder (see ``configure_model``).
         sample_prompts: Prompts whose continuations are logged to TensorBoard after each validation.
         sample_words: Words generated per prompt at validation.
         sample_top_k: Top-k used for the validation samples.
@@ -101,6 +114,11 @@ class LSTMLanguageModel(WordEmbeddingModule):
         lr_patience: int = 0,
         embedding_init: str | None = None,
         freeze_embedding: bool = False,
+        loss: Literal["full", "sampled"] = "full",
+        num_sampled: int = 1024,
+        sampler: Literal["log_uniform", "unigram"] = "log_uniform",
+        sampler_power: float = 1.0,
+        remove_accidental_hits: bool = True,
         compile: bool = False,
         sample_prompts: list[str] | None = None,
         sample_words: int = 30,
@@ -117,6 +135,13 @@ class LSTMLanguageModel(WordEmbeddingModule):
             )
         if lr_decay_factor < 1:
             raise ValueError(f"lr_decay_factor divides the learning rate and must be >= 1, got {lr_decay_factor}")
+        if loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be 'full' or 'sampled', got {loss!r}")
+        if loss == "sampled" and not 1 <= num_sampled < vocab_size:
+            raise ValueError(
+                f"num_sampled must be between 1 and vocab_size - 1 = {vocab_size - 1} for loss='sampled', got "
+                f"{num_sampled}; with a vocabulary this small use loss='full'"
+            )
         use_projection = hidden_dim != embedding_dim if projection is None else projection
         if tie_weights and not use_projection and hidden_dim != embedding_dim:
             raise ValueError(
@@ -145,6 +170,10 @@ class LSTMLanguageModel(WordEmbeddingModule):
         if freeze_embedding:
             self.embedding.weight.requires_grad_(False)  # tied: the decoder weight is this same tensor
 
+        # Draws the shared negatives of the sampled softmax (LogUniformSampler has no state; UnigramSampler's
+        # tables are buffers, filled from the vocabulary's counts in setup).
+        self.sampler = make_sampler(sampler, vocab_size, power=sampler_power) if loss == "sampled" else None
+
         # Token-weighted mean NLL over a whole split, summed across DDP ranks.
         self.val_nll = TokenNLL()
         self.test_nll = TokenNLL()
@@ -153,7 +182,9 @@ class LSTMLanguageModel(WordEmbeddingModule):
         self._train_hidden: Hidden | None = None
         self._eval_hidden: Hidden | None = None
         self._embedding_initialized = False  # set once embedding_init was applied (or restored)
-        self._compiled_forward: Any = None
+        self._compiled_features: Any = None
+        self._sample_generator: torch.Generator | None = None  # the negatives' own RNG, saved in checkpoints
+        self._sample_generator_state: Tensor | None = None  # restored state, applied at the next draw
         self._tps_tokens = 0
         self._tps_start: float | None = None
         self.embedding_init_coverage: float | None = None
@@ -205,30 +236,58 @@ class LSTMLanguageModel(WordEmbeddingModule):
 
         ``hidden=None`` starts from zeros.
         """
-        if self._compiled_forward is not None:
-            return self._compiled_forward(inputs, hidden)
-        return self._forward(inputs, hidden)
+        features, hidden = self.features(inputs, hidden)
+        return self.decoder(features), hidden
+
+    def features(self, inputs: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
+        """The decoder's inputs ``[B, T, E]`` (the full and the sampled softmax both start here)."""
+        if self._compiled_features is not None:
+            return self._compiled_features(inputs, hidden)
+        return self._features(inputs, hidden)
 
     def _forward(self, inputs: Tensor, hidden: Hidden | None) -> tuple[Tensor, Hidden]:
+        features, hidden = self._features(inputs, hidden)
+        return self.decoder(features), hidden
+
+    def _features(self, inputs: Tensor, hidden: Hidden | None) -> tuple[Tensor, Hidden]:
         x = self.dropout_embedding(self.embedding(inputs))
-        x, hidden = self.lstm(x, hidden)
+        x, hidden = self._run_lstm(x, hidden)
         # The batch-first LSTM returns a transposed view. Made contiguous (a small B*T x H copy), the
         # decoder adds its bias inside the matrix product (addmm) instead of in a pass over the logits.
         x = self.dropout_output(x.contiguous())
         if self.projection is not None:
             x = self.projection(x)
-        return self.decoder(x), hidden
+        return x, hidden
+
+    def _run_lstm(self, x: Tensor, hidden: Hidden | None) -> tuple[Tensor, Hidden]:
+        """The LSTM; under CPU bf16 autocast on a CPU whose oneDNN has no bf16 LSTM, in float32.
+
+        Without the fallback such CPUs (e.g. AVX2 without AVX-512) stop with oneDNN's "could not create a
+        primitive descriptor for the LSTM forward propagation primitive". The rest stays in bf16.
+        """
+        if (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not cpu_runs_bf16_lstm()
+        ):
+            with torch.autocast("cpu", enabled=False):
+                if hidden is not None:
+                    hidden = (hidden[0].float(), hidden[1].float())
+                return self.lstm(x.float(), hidden)
+        return self.lstm(x, hidden)
 
     def configure_model(self) -> None:
-        """With ``compile: true``, compile the forward function, not the module.
+        """With ``compile: true``, compile the function up to the decoder, not the module.
 
-        Compiling the bound method leaves the module (its state_dict keys, its Parameters, the tie)
+        Compiling a bound method leaves the module (its state_dict keys, its Parameters, the tie)
         untouched; wrapping the module would prefix every checkpoint key with ``_orig_mod.``. Dynamo runs
-        ``nn.LSTM`` itself eagerly (a graph break), so the gain is in the embedding/projection/decoder part;
-        on GPU the cuDNN LSTM is already one fused kernel.
+        ``nn.LSTM`` itself eagerly (a graph break), so the gain is in the embedding/dropout/projection part;
+        the decoder (full or sampled) is one matrix product either way, and on GPU the cuDNN LSTM is
+        already one fused kernel.
         """
-        if self.hparams.compile and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self._forward)
+        if self.hparams.compile and self._compiled_features is None:
+            self._compiled_features = torch.compile(self._features)
 
     # ------------------------------------------------------------------ truncated BPTT state
 
@@ -274,11 +333,45 @@ class LSTMLanguageModel(WordEmbeddingModule):
         # log-sum-exp over tens of thousands of logits.
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)
 
+    def _sampled_loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Sampled softmax over the tied matrix: the decoder's rows for the targets and the shared draws.
+
+        ``self.decoder.weight`` is the embedding's Parameter when tied, so the sampled rows' gradients add
+        to the embedding's in the one matrix. The draws come from the module's own generator, whose state
+        travels in checkpoints: a resumed run draws what the uninterrupted one would have.
+        """
+        labels = targets.reshape(-1)
+        if self._sample_generator is None or self._sample_generator.device != labels.device:
+            self._sample_generator = torch.Generator(device=labels.device)
+            # every DDP rank gets the same seed (and so the same draws) after seed_everything
+            self._sample_generator.manual_seed(torch.initial_seed())
+            if self._sample_generator_state is not None:
+                try:
+                    self._sample_generator.set_state(self._sample_generator_state)
+                except RuntimeError:  # e.g. a CPU generator's state resumed on a GPU
+                    rank_zero_warn(
+                        "the checkpoint's sampler state does not fit this device: draws restart from the seed"
+                    )
+                self._sample_generator_state = None
+        hp = self.hparams
+        sampled = self.sampler(labels, hp.num_sampled, unique=True, generator=self._sample_generator)
+        return sampled_softmax_loss(
+            self.decoder.weight,
+            self.decoder.bias,
+            labels,
+            features.reshape(-1, features.size(-1)),
+            sampled,
+            remove_accidental_hits=hp.remove_accidental_hits,
+        )
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
-        logits, hidden = self(inputs, self._initial_state(self._train_hidden, inputs))
+        features, hidden = self.features(inputs, self._initial_state(self._train_hidden, inputs))
         self._train_hidden = self._detach(hidden)  # the next window starts here; gradients stop here
-        loss = self._loss(logits, targets)
+        if self.hparams.loss == "sampled":
+            loss = self._sampled_loss(features, targets)
+        else:
+            loss = self._loss(self.decoder(features), targets)
         # Tensors only: Lightning converts them to numbers when it writes to the logger, so nothing
         # here waits for the device. (Nothing goes to the progress bar: that converts every step.)
         self.log("train/loss", loss, on_step=True, on_epoch=False)
@@ -382,6 +475,11 @@ class LSTMLanguageModel(WordEmbeddingModule):
 
     # ------------------------------------------------------------------ setup and checkpoints
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if isinstance(self.sampler, UnigramSampler) and self.vocab is not None:
+            self.sampler.set_counts(torch.as_tensor(self.vocab.counts))
+
     def on_fit_start(self) -> None:
         """Apply ``embedding_init`` once, before the first step, and never over a checkpoint's weights.
 
@@ -442,7 +540,13 @@ class LSTMLanguageModel(WordEmbeddingModule):
             else:
                 h, c = h.unsqueeze(0), c.unsqueeze(0)
             hidden = (h.cpu(), c.cpu())
-        checkpoint[_CKPT_KEY] = {"train_hidden": hidden, "embedding_initialized": self._embedding_initialized}
+        generator = self._sample_generator
+        checkpoint[_CKPT_KEY] = {
+            "train_hidden": hidden,
+            "embedding_initialized": self._embedding_initialized,
+            # the same on every rank (same seed, same number of draws), so rank 0's stands for all
+            "sample_generator": generator.get_state() if generator is not None else self._sample_generator_state,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -450,6 +554,7 @@ class LSTMLanguageModel(WordEmbeddingModule):
         # The weights come from the checkpoint: never apply embedding_init on top of them.
         self._embedding_initialized = True
         self._train_hidden = None
+        self._sample_generator, self._sample_generator_state = None, extra.get("sample_generator")
         stored = extra.get("train_hidden")
         if stored is None:
             return
@@ -540,6 +645,24 @@ class LSTMLanguageModel(WordEmbeddingModule):
         )
         for lg in loggers:
             lg.experiment.add_text("samples", text, global_step=self.global_step)
+
+
+@functools.cache
+def cpu_runs_bf16_lstm() -> bool:
+    """Whether this CPU runs ``nn.LSTM`` under bf16 autocast (oneDNN needs bf16 instructions, e.g. AVX-512).
+
+    Probed once with a tiny LSTM: the capability checks oneDNN uses are not public.
+    """
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.LSTM(4, 4)(torch.zeros(2, 1, 4))
+        return True
+    except RuntimeError:
+        rank_zero_warn(
+            "this CPU cannot run the LSTM in bf16 (oneDNN has no bf16 LSTM for it): under bf16-mixed the "
+            "LSTM runs in float32 and the rest in bf16"
+        )
+        return False
 
 
 # ---------------------------------------------------------------------- perplexity
