@@ -461,6 +461,12 @@ def _config_error(message: str, command: str) -> str:
         if line.startswith(("Does not validate against", "Errors:", "Given value", "- Expected a <class 'NoneType'>")):
             continue
         problem = re.match(r"- Problem with given class_path '([^']+)':", line)
+        if problem and problem.group(1).endswith(".WordEmbeddingModule"):  # no class_path given: the base class
+            return (
+                f"{'.'.join(keys) or 'model'}: no class_path names the model; a config that only changes settings "
+                "(an overlay such as configs/lstm_lm_cpu.yaml) goes after the one it changes: "
+                "--config configs/lstm_lm.yaml --config configs/lstm_lm_cpu.yaml"
+            )
         if problem:
             keys.append("init_args")
             continue

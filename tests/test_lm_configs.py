@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lm_tying.cli import LmTyingCLI
+from lm_tying.cli import LmTyingCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = "lstm_lm.yaml"
@@ -30,8 +30,9 @@ def test_overlays_change_few_settings_and_cannot_run_alone(capsys):
         overlay = load(name)
         assert "class_path" not in overlay["model"] and "seed_everything" not in overlay
         with pytest.raises(SystemExit) as exited:
-            LmTyingCLI(args=["fit", f"--config={CONFIGS / name}"], run=False)
-        assert exited.value.code != 0 and "model" in capsys.readouterr().err
+            main(["fit", f"--config={CONFIGS / name}"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "no class_path names the model" in err and "--config configs/lstm_lm.yaml" in err
         for section, values in overlay.items():
             assert set(values["init_args"]) <= set(base[section]["init_args"]) | {"embedding_init", "freeze_embedding"}
     assert load("lstm_lm_from_word2vec.yaml")["model"]["init_args"]["embedding_dim"] == (
