@@ -1,4 +1,4 @@
-"""Candidate samplers and sampled softmax-free losses for word2vec: NCE and negative sampling.
+"""Candidate samplers and the sampled losses: NCE and negative sampling (word2vec), sampled softmax (the LM).
 
 Everything here follows TensorFlow's ``tf.nn.nce_loss`` / ``tf.random.*_candidate_sampler`` semantics,
 written as plain tensor math so each step can be checked against the formulas:
@@ -44,6 +44,7 @@ __all__ = [
     "accidental_hits",
     "nce_loss",
     "negative_sampling_loss",
+    "sampled_softmax_loss",
 ]
 
 
@@ -468,10 +469,6 @@ def negative_sampling_loss(
         samp_term = samp_term.masked_fill(accidental_hits(labels, sampled), 0.0)
     loss = F.softplus(-true_logits[:, 0]) + negative_weight * samp_term.sum(1)
     return _reduce(loss, reduction)
-
-
-# The LM's sampled softmax, appended here beside nce_loss (it shares the samplers and sampled_logits).
-__all__ += ["sampled_softmax_loss"]
 
 
 def sampled_softmax_loss(
