@@ -58,9 +58,8 @@ from lm_tying.callbacks import (
     RunMetadata,
     TrainingDivergedError,
 )
-from lm_tying.checkpoint_io import AtomicCheckpointIO
+from lm_tying.checkpoint import RUN_KEY, AtomicCheckpointIO, checkpoint_model_class_path, load_checkpoint_header
 from lm_tying.data import Text8DataModule
-from lm_tying.export import checkpoint_model_class_path, load_checkpoint_header
 from lm_tying.models.base import WordEmbeddingModule
 
 PROG = "lm-tying"
@@ -225,7 +224,7 @@ class LmTyingCLI(LightningCLI):
     def _resume_differences(self, checkpoint: dict[str, Any]) -> list[str]:
         """``key: checkpoint -> requested`` for every setting of the model, the data and the run that differs."""
         cfg = self._subconfig()
-        saved_run = (checkpoint.get("lm_tying_run") or {}).get("settings") or {}
+        saved_run = (checkpoint.get(RUN_KEY) or {}).get("settings") or {}
         pairs = [
             ("model", checkpoint.get("hyper_parameters") or {}, _plain(cfg.get("model", {}).get("init_args")) or {}),
             ("data", checkpoint.get("datamodule_hyper_parameters") or {}, _plain(cfg.get("data", {}).get("init_args")) or {}),
@@ -297,7 +296,7 @@ class LmTyingCLI(LightningCLI):
             # Evaluate the model the checkpoint holds: Lightning takes its hyperparameters over the config's.
             super()._parse_ckpt_path()
             return
-        run_info = checkpoint.get("lm_tying_run") or {}
+        run_info = checkpoint.get(RUN_KEY) or {}
         if run_info.get("run_name") == self.run_name:
             self._resume_log_version = run_info.get("log_version")
         # A resumed fit runs with the settings asked for, never silently with the checkpoint's: any difference is
@@ -380,7 +379,7 @@ def _export_main(argv: list[str]) -> int:
 def _generate_main(argv: list[str]) -> int:
     import argparse
 
-    from lm_tying.export import load_model
+    from lm_tying.checkpoint import load_model
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} generate", description="Continue a prompt with a trained language model checkpoint."
