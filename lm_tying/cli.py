@@ -360,4 +360,7 @@ def _exit_for(error: BaseException, command: Optional[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy: lm_tying._lightning_cli raises lm_tying.cli's errors.
+    from lm_tying.cli import main as imported_main
+
+    imported_main()

@@ -95,6 +95,7 @@ def test_fit_ends_with_a_summary_and_without_noise(trained, model):
         assert noise not in out, noise
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 def test_automatic_optimizer_flags_are_refused(trained, capsys, monkeypatch):
     from lm_tying.cli import main
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import REPO, run_cli, tiny_config, write_corpus
+from cli_support import REPO, env, tiny_config, write_corpus
 
 README = REPO / "README.md"
 TEXT8_HEAD = "../shared/data/text8-head.zip"
@@ -99,6 +99,7 @@ def classify(command: str) -> str:
 
 
 COMMANDS = list(dict.fromkeys(readme_commands()))
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 
 
 def of_kind(kind: str) -> list[str]:
@@ -153,17 +154,11 @@ def workspace(tmp_path_factory):
         config.parent.mkdir(exist_ok=True)
         config.write_text(yaml.safe_dump(tiny_config(model, corpus), sort_keys=False))
         procs.append(subprocess.Popen([sys.executable, "-m", "lm_tying.cli", "fit", "--config", str(config)], cwd=root,
-                                      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+                                      env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     return root, corpus
-
-
-def _env():
-    from cli_support import env
-
-    return env()
 
 
 @pytest.mark.parametrize("command", of_kind("run"))
