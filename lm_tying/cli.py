@@ -58,6 +58,16 @@ class UsageError(Exception):
     """A mistake in what the user asked for; reported as one line, exit status 2."""
 
 
+def __getattr__(name: str) -> Any:
+    """``lm_tying.cli.LmTyingCLI``, imported when first asked for (it imports Lightning; ``--help`` of the commands
+    that do not train must not)."""
+    if name == "LmTyingCLI":
+        from lm_tying._lightning_cli import LmTyingCLI
+
+        return LmTyingCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------------------------------- run paths
 def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
