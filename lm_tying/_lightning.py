@@ -3,7 +3,9 @@
 Lightning has no public API for these few things; each function below names what it needs and why.
 ``tests/test_lightning_private.py`` checks that every member used here still exists with the expected type and
 signature, so a Lightning upgrade that moves one fails the suite loudly instead of breaking a run quietly
-(pyproject.toml pins the Lightning minor release CI tests).
+(pyproject.toml pins the Lightning minor release CI tests). The other private names the project touches are the
+``LightningCLI`` hooks :class:`lm_tying._lightning_cli.LmTyingCLI` overrides (``_parse_ckpt_path``,
+``_add_subcommands``, ``_get``), checked by the same test.
 """
 
 from __future__ import annotations

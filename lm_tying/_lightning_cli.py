@@ -31,7 +31,7 @@ from lm_tying.callbacks import (
     RunMetadata,
 )
 from lm_tying.checkpoint import RUN_KEY, AtomicCheckpointIO, checkpoint_model_class_path, load_checkpoint_header
-from lm_tying.cli import PROG, UsageError, resolve_ckpt_path, run_name_for, under_root
+from lm_tying.cli import EXTRA_COMMANDS, PROG, UsageError, resolve_ckpt_path, run_name_for, under_root
 from lm_tying.data import Text8DataModule
 from lm_tying.models.base import WordEmbeddingModule
 from lm_tying.vectors import EVAL_FILES, default_eval_file
@@ -50,11 +50,6 @@ RUN_TRAINER_SETTINGS = (
 # and the vocabulary itself are compared instead), and num_workers (the skip-gram loader refuses a change that
 # alters the batch order itself).
 DATA_SETTINGS_NOT_COMPARED = ("path", "data_dir", "url", "vocab_size", "min_count", "num_workers")
-#: Commands that do not train, run by :mod:`lm_tying.cli` itself; listed here so that ``lm-tying --help`` shows them.
-EXTRA_COMMAND_HELP = {
-    "export": "Write a checkpoint's word vectors (word2vec text/binary, projector TSV).",
-    "generate": "Continue a prompt with a trained language model.",
-}
 
 
 def warn_if_eval_files_missing(hparams: Any) -> None:
@@ -132,7 +127,7 @@ class LmTyingCLI(LightningCLI):
         """Lightning's subcommands, then ``export`` and ``generate`` (run by :func:`lm_tying.cli.main` before this
         class is built; added here so that ``lm-tying --help`` lists them with the others)."""
         super()._add_subcommands(parser, **kwargs)
-        for command, help in EXTRA_COMMAND_HELP.items():
+        for command, help in EXTRA_COMMANDS.items():
             description = f"{help} `{PROG} {command} --help` lists its options."
             parser._subcommands_action.add_subcommand(command, LightningArgumentParser(description=description), help=help)
 

@@ -45,7 +45,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 PROG = "lm-tying"
-EXTRA_COMMANDS = ("export", "generate")
+#: The commands that do not train, run here without Lightning (``lm-tying --help`` lists them with the others).
+EXTRA_COMMANDS = {
+    "export": "Write a checkpoint's word vectors (word2vec text/binary, projector TSV).",
+    "generate": "Continue a prompt with a trained language model.",
+}
 DEBUG_ENV = "LM_TYING_DEBUG"
 #: Lightning's log lines that tell a user of this CLI nothing they can act on.
 LIGHTNING_NOISE = (
@@ -119,8 +123,8 @@ def _extra_parser(command: str) -> argparse.ArgumentParser:
     if command == "export":
         parser = argparse.ArgumentParser(
             prog=f"{PROG} export",
-            description="Write a checkpoint's embedding (word2vec: input embedding; LM: the tied matrix) with its "
-            "vocabulary: OUT.txt = word2vec text format, OUT.bin = word2vec binary format (both load with gensim's "
+            description=f"{EXTRA_COMMANDS['export']} The embedding is word2vec's input embedding or the LM's tied "
+            "matrix, with the checkpoint's vocabulary: OUT.txt = word2vec text format, OUT.bin = word2vec binary format (both load with gensim's "
             "KeyedVectors.load_word2vec_format), a directory = vectors.tsv + metadata.tsv for "
             "projector.tensorflow.org.",
         )
@@ -129,7 +133,7 @@ def _extra_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--limit", type=int, default=None, help="only the LIMIT most frequent words")
         return parser
     parser = argparse.ArgumentParser(
-        prog=f"{PROG} generate", description="Continue a prompt with a trained language model checkpoint."
+        prog=f"{PROG} generate", description=EXTRA_COMMANDS["generate"]
     )
     _run_arguments(parser)
     parser.add_argument("--prompt", required=True, help="words separated by spaces")

@@ -66,6 +66,13 @@ def test_model_checkpoint_internals(fitted, tmp_path):
 
 def test_cli_hooks_the_project_overrides():
     """``LmTyingCLI`` overrides ``_parse_ckpt_path`` (resolve last/best before Lightning reads the checkpoint) and
-    reads the instantiated trainer config with ``_get``."""
+    ``_add_subcommands`` (list export/generate through jsonargparse's ``_subcommands_action``), and reads the
+    instantiated trainer config with ``_get``."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
     assert parameters(LightningCLI._parse_ckpt_path) == ["self"]
     assert parameters(LightningCLI._get) == ["self", "config", "key", "default"]
+    assert parameters(LightningCLI._add_subcommands) == ["self", "parser", "kwargs"]
+    parser = LightningArgumentParser()
+    action = parser.add_subcommands()
+    assert parser._subcommands_action is action and callable(action.add_subcommand)
