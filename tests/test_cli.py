@@ -28,6 +28,17 @@ def trained(tmp_path_factory):
     return root, corpus, procs
 
 
+def lm_tying(args, cwd, monkeypatch, capsys):
+    """``lm-tying ARGS`` in this process (for commands that do not train): exit status, stdout, stderr."""
+    from lm_tying.cli import main
+
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
 def test_help_lists_commands_and_model_flags(tmp_path):
     out = run_cli(["--help"], cwd=tmp_path).stdout
     for command in ("fit", "validate", "test", "predict", "export", "generate"):
@@ -80,7 +91,7 @@ def test_validate_and_test_from_best(trained, command, model, metric):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_fit_ends_with_a_summary_and_without_noise(trained, model):
+def test_fit_ends_with_a_summary_and_without_noise(trained, model, monkeypatch, capsys):
     root, _, procs = trained
     out = procs[model].stdout + procs[model].stderr
     assert f"Run '{model}' finished at step 12." in out
@@ -88,7 +99,7 @@ def test_fit_ends_with_a_summary_and_without_noise(trained, model):
     assert f"tensorboard --logdir logs/{model}" in out and f"logs/{model}/version_0/projector_config.pbtxt" in out
     export = next(line for line in out.splitlines() if "export vectors:" in line).split(":", 1)[1].split()
     assert export[:2] == ["lm-tying", "export"]
-    run_cli([*export[1:-1], str(root / f"summary_{model}.txt")], cwd=root)  # the printed command works
+    assert lm_tying([*export[1:-1], f"summary_{model}.txt"], root, monkeypatch, capsys)[0] == 0  # it works as printed
     assert (root / f"summary_{model}.txt").read_text().split()[0] == "100"  # word2vec text header: 100 words
     assert "Params" in out and "parameters (0 frozen)" in out  # the compact model summary
     for noise in ("litlogger", "FLOPs", "other params", "n/a"):
@@ -119,21 +130,24 @@ def test_extra_commands_help_without_importing_lightning(command, tmp_path):
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_export_and_generate_find_the_run_from_its_config(trained):
+def test_export_and_generate_find_the_run_from_its_config(trained, monkeypatch, capsys):
     root, _, _ = trained
-    run_cli(["export", "--config", "word2vec.yaml", "--ckpt_path", "best", "--output", "best.txt"], cwd=root)
-    run_cli(["export", "--run_name", "word2vec", "--output", "last.txt"], cwd=root)  # --ckpt_path last by default
+    export = ["export", "--config", "word2vec.yaml", "--ckpt_path", "best", "--output", "best.txt"]
+    assert lm_tying(export, root, monkeypatch, capsys)[0] == 0
+    export = ["export", "--run_name", "word2vec", "--output", "last.txt"]  # --ckpt_path last by default
+    assert lm_tying(export, root, monkeypatch, capsys)[0] == 0
     assert (root / "best.txt").read_text().split()[:2] == (root / "last.txt").read_text().split()[:2] == ["100", "16"]
-    words = run_cli(["generate", "--config", "lm.yaml", "--ckpt_path", "last", "--prompt", "the", "--num_words", "3",
-                     "--seed", "0"], cwd=root).stdout.split()  # fmt: skip
-    assert len(words) == 4
-    missing = run_cli(["export", "--config", "lm.yaml", "--run_name", "none", "--output", "x.txt"], cwd=root, check=False)
-    assert missing.returncode == 2 and "checkpoints/none/last.ckpt does not exist" in missing.stderr
-    no_run = run_cli(["export", "--output", "x.txt"], cwd=root, check=False)
-    assert no_run.returncode == 2 and "needs the run: give --config" in no_run.stderr
+    generate = ["generate", "--config", "lm.yaml", "--ckpt_path", "last", "--prompt", "the", "--num_words", "3"]
+    code, out, _ = lm_tying(generate, root, monkeypatch, capsys)
+    assert code == 0 and len(out.split()) == 4
+    missing = ["export", "--config", "lm.yaml", "--run_name", "none", "--output", "x.txt"]
+    code, _, err = lm_tying(missing, root, monkeypatch, capsys)
+    assert code == 2 and "checkpoints/none/last.ckpt does not exist" in err
+    code, _, err = lm_tying(["export", "--output", "x.txt"], root, monkeypatch, capsys)
+    assert code == 2 and "needs the run: give --config" in err
 
 
-def test_default_root_dir_and_a_users_own_model_checkpoint(trained, tmp_path):
+def test_default_root_dir_and_a_users_own_model_checkpoint(trained, tmp_path, monkeypatch, capsys):
     """Checkpoints and logs go under --trainer.default_root_dir; a ModelCheckpoint of the user's own is kept and so
     are last.ckpt/best.ckpt, which --ckpt_path last finds (export from the config, a resumed fit)."""
     _, corpus, _ = trained
@@ -146,7 +160,7 @@ def test_default_root_dir_and_a_users_own_model_checkpoint(trained, tmp_path):
     assert (tmp_path / "out/logs/rooted/version_0/config.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
-    run_cli(["export", "--config", str(cfg), "--output", "v.txt"], cwd=tmp_path)
+    assert lm_tying(["export", "--config", str(cfg), "--output", "v.txt"], tmp_path, monkeypatch, capsys)[0] == 0
     resumed = run_cli(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "8",
                        "--accept_changes", "true"], cwd=tmp_path)  # fmt: skip
     assert load_ckpt(tmp_path / "out/checkpoints/rooted/last.ckpt")["global_step"] == 8, resumed.stderr[-2000:]
