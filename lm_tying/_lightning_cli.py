@@ -254,6 +254,7 @@ class LmTyingCLI(LightningCLI):
             return
         self.run_name = self._compute_run_name()
         cfg = self.config[subcommand]
+        cfg["run_name"] = self.run_name  # the config.yaml saved with the logs names its run (export --config finds it)
         if subcommand == "fit":
             self._lock_run()
         ckpt_path = cfg.get("ckpt_path")

@@ -62,6 +62,7 @@ def test_fit_writes_run_checkpoints_and_logs(trained, model):
     assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
     config = yaml.safe_load((logs / "config.yaml").read_text())
     assert config["data"]["init_args"]["vocab_size"] == 100  # the full config, for reproducing the run
+    assert config["run_name"] == model  # so that `export --config <it>` finds the run
     hparams = yaml.safe_load((logs / "hparams.yaml").read_text())
     assert hparams["vocab_size"] == 100
     assert (logs / "projector_config.pbtxt").exists()
