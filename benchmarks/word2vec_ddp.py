@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.word2vec import evaluate  # noqa: E402
-from lm_tying.export import load_model  # noqa: E402
+from lm_tying.checkpoint import load_model  # noqa: E402
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 

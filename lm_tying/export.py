@@ -7,87 +7,22 @@
 
 The matrix is the model's own ``input_embeddings()`` (word2vec: the input embedding; the LM: the tied
 matrix), its row names the vocabulary stored in the checkpoint, rows in vocabulary order (most frequent first).
+Loading the checkpoint is :mod:`lm_tying.checkpoint`'s job; this module only writes vectors.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
-import torch
 
 from lm_tying.atomic import atomic_path
-from lm_tying.checkpoint_io import verify_checkpoint
-from lm_tying.models.base import WordEmbeddingModule
-
-
-KNOWN_MODELS = {
-    "Word2Vec": "lm_tying.models.word2vec.Word2Vec",
-    "LSTMLanguageModel": "lm_tying.models.lstm_lm.LSTMLanguageModel",
-}
 
 
 class ExportError(ValueError):
     """An export that cannot be done as asked (bad output path ...)."""
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable lm-tying checkpoint."""
-
-
-def load_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint as a dict (CPU), with a clear error when it is not a checkpoint at all."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise CheckpointError(f"checkpoint {str(path)!r} {what}")
-    verify_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unpicklable content ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
-    return checkpoint
-
-
-def checkpoint_model_class_path(checkpoint: dict[str, Any], path: str | os.PathLike) -> str:
-    """The import path of the model class that wrote ``checkpoint`` (an lm-tying checkpoint, or a clear error)."""
-    kind = checkpoint.get("lm_tying_model")
-    if not kind:
-        raise CheckpointError(
-            f"{str(path)!r} is not an lm-tying checkpoint (no 'lm_tying_model' entry): "
-            "pass a checkpoint written by `lm-tying fit` (checkpoints/<run>/last.ckpt or best.ckpt)"
-        )
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")  # written by LightningCLI
-    if class_path:
-        return str(class_path)
-    if kind in KNOWN_MODELS:
-        return KNOWN_MODELS[kind]
-    raise CheckpointError(f"{str(path)!r} was written by an unknown model {kind!r}; known: {', '.join(KNOWN_MODELS)}")
-
-
-def load_model(ckpt_path: str | os.PathLike) -> WordEmbeddingModule:
-    """The model that wrote ``ckpt_path``, on CPU in eval mode, with its vocabulary (no data needed)."""
-    header = load_checkpoint_header(ckpt_path)
-    class_path = checkpoint_model_class_path(header, ckpt_path)
-    if "vocabulary" not in header:
-        raise ExportError(f"{str(ckpt_path)!r} holds no vocabulary: it was saved before the model saw any data")
-    del header
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
-        raise ExportError(f"{str(ckpt_path)!r} needs the model class {class_path}, which cannot be imported: {e}")
-    if not (isinstance(cls, type) and issubclass(cls, WordEmbeddingModule)):
-        raise ExportError(f"{class_path} is not a WordEmbeddingModule")
-    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
-    model.eval()
-    return model
 
 
 def _check_destination(out: Path) -> None:
@@ -147,6 +82,8 @@ def export(ckpt_path: str | os.PathLike, output: str | os.PathLike, limit: Optio
     _check_destination(out / "vectors.tsv" if kind == "projector" else out)
     if limit is not None and limit < 1:
         raise ExportError(f"--limit {limit}: it must be at least 1")
+
+    from lm_tying.checkpoint import load_model  # torch and Lightning: only once the arguments are known good
 
     model = load_model(ckpt_path)
     wv = model.word_vectors()

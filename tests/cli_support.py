@@ -158,7 +158,7 @@ class SignalAtStep(Callback):
         if not self.during_save:
             os.kill(os.getpid(), self.signum)
             return
-        import lm_tying.checkpoint_io as cio
+        import lm_tying.checkpoint as cio
 
         signum = self.signum
 
@@ -192,7 +192,7 @@ class SignalGroupAtStep(Callback):
 
 
 class _TorchProxy:
-    """``torch`` with ``save`` replaced (only inside ``lm_tying.checkpoint_io``)."""
+    """``torch`` with ``save`` replaced (only inside ``lm_tying.checkpoint``)."""
 
     def __init__(self, save: Any) -> None:
         self.save = save

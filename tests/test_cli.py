@@ -4,13 +4,16 @@ with a one-line message and a non-zero status instead of a traceback."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
+import warnings
 
 import pytest
 import yaml
 
-from cli_support import MODELS, load_ckpt, run_cli, write_config, write_corpus
+from cli_support import MODELS, env, load_ckpt, run_cli, write_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +21,22 @@ def trained(tmp_path_factory):
     """``lm-tying fit --config <model>.yaml`` once per model in one working directory."""
     root = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(root)
-    procs = {m: run_cli(["fit", "--config", str(write_config(root, m, corpus))], cwd=root) for m in MODELS}
+    procs = {
+        m: run_cli(["fit", "--config", str(write_config(root, m, corpus, enable_model_summary=True))], cwd=root)
+        for m in MODELS
+    }
     return root, corpus, procs
+
+
+def lm_tying(args, cwd, monkeypatch, capsys):
+    """``lm-tying ARGS`` in this process (for commands that do not train): exit status, stdout, stderr."""
+    from lm_tying.cli import main
+
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
 
 
 def test_help_lists_commands_and_model_flags(tmp_path):
@@ -45,6 +62,7 @@ def test_fit_writes_run_checkpoints_and_logs(trained, model):
     assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
     config = yaml.safe_load((logs / "config.yaml").read_text())
     assert config["data"]["init_args"]["vocab_size"] == 100  # the full config, for reproducing the run
+    assert config["run_name"] == model  # so that `export --config <it>` finds the run
     hparams = yaml.safe_load((logs / "hparams.yaml").read_text())
     assert hparams["vocab_size"] == 100
     assert (logs / "projector_config.pbtxt").exists()
@@ -71,6 +89,97 @@ def test_validate_and_test_from_best(trained, command, model, metric):
     root, _, _ = trained
     out = run_cli([command, "--config", f"{model}.yaml", "--ckpt_path", "best"], cwd=root)
     assert metric in out.stdout
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fit_ends_with_a_summary_and_without_noise(trained, model, monkeypatch, capsys):
+    root, _, procs = trained
+    out = procs[model].stdout + procs[model].stderr
+    assert f"Run '{model}' finished at step 12." in out
+    assert f"best checkpoint: checkpoints/{model}/best.ckpt" in out and f"last checkpoint: checkpoints/{model}/last.ckpt" in out
+    assert f"tensorboard --logdir logs/{model}" in out and f"logs/{model}/version_0/projector_config.pbtxt" in out
+    export = next(line for line in out.splitlines() if "export vectors:" in line).split(":", 1)[1].split()
+    assert export[:2] == ["lm-tying", "export"]
+    assert lm_tying([*export[1:-1], f"summary_{model}.txt"], root, monkeypatch, capsys)[0] == 0  # it works as printed
+    assert (root / f"summary_{model}.txt").read_text().split()[0] == "100"  # word2vec text header: 100 words
+    assert "Params" in out and "parameters (0 frozen)" in out  # the compact model summary
+    for noise in ("litlogger", "FLOPs", "other params", "n/a"):
+        assert noise not in out, noise
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+def test_automatic_optimizer_flags_are_refused(trained, capsys, monkeypatch):
+    from lm_tying.cli import main
+
+    root, _, _ = trained
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "lm.yaml", "--run_name", "adam", "--optimizer", "Adam"])
+    assert exit_info.value.code == 2 and "unknown option(s) --optimizer Adam" in capsys.readouterr().err
+    assert not (root / "checkpoints/adam").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_extra_commands_help_without_importing_lightning(command, tmp_path):
+    """``--help`` of the commands that do not train answers without importing torch or Lightning (seconds)."""
+    script = (
+        "import sys\nfrom lm_tying.cli import main\ntry:\n    main(['%s', '--help'])\nexcept SystemExit as e:\n"
+        "    assert e.code == 0\nheavy = [m for m in ('torch', 'lightning') if m in sys.modules]\nprint('HEAVY', heavy)"
+    ) % command
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert "--ckpt_path" in proc.stdout and "--config" in proc.stdout and "--run_name" in proc.stdout
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_export_and_generate_find_the_run_from_its_config(trained, monkeypatch, capsys):
+    root, _, _ = trained
+    export = ["export", "--config", "word2vec.yaml", "--ckpt_path", "best", "--output", "best.txt"]
+    assert lm_tying(export, root, monkeypatch, capsys)[0] == 0
+    export = ["export", "--run_name", "word2vec", "--output", "last.txt"]  # --ckpt_path last by default
+    assert lm_tying(export, root, monkeypatch, capsys)[0] == 0
+    assert (root / "best.txt").read_text().split()[:2] == (root / "last.txt").read_text().split()[:2] == ["100", "16"]
+    generate = ["generate", "--config", "lm.yaml", "--ckpt_path", "last", "--prompt", "the", "--num_words", "3"]
+    code, out, _ = lm_tying(generate, root, monkeypatch, capsys)
+    assert code == 0 and len(out.split()) == 4
+    missing = ["export", "--config", "lm.yaml", "--run_name", "none", "--output", "x.txt"]
+    code, _, err = lm_tying(missing, root, monkeypatch, capsys)
+    assert code == 2 and "checkpoints/none/last.ckpt does not exist" in err
+    code, _, err = lm_tying(["export", "--output", "x.txt"], root, monkeypatch, capsys)
+    assert code == 2 and "needs the run: give --config" in err
+
+
+def test_default_root_dir_and_a_users_own_model_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    """Checkpoints and logs go under --trainer.default_root_dir; a ModelCheckpoint of the user's own is kept and so
+    are last.ckpt/best.ckpt, which --ckpt_path last finds (export from the config, a resumed fit)."""
+    _, corpus, _ = trained
+    cfg = write_config(tmp_path, "lm", corpus, name="rooted", default_root_dir="out", max_steps=6)
+    mine = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": "mine", "every_n_train_steps": 3, "save_top_k": -1}}]  # fmt: skip
+    run_cli(["fit", "--config", str(cfg), "--trainer.callbacks", json.dumps(mine)], cwd=tmp_path)
+    assert load_ckpt(tmp_path / "out/checkpoints/rooted/last.ckpt")["global_step"] == 6
+    assert (tmp_path / "out/checkpoints/rooted/best.ckpt").is_file()
+    assert (tmp_path / "out/logs/rooted/version_0/config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
+    assert lm_tying(["export", "--config", str(cfg), "--output", "v.txt"], tmp_path, monkeypatch, capsys)[0] == 0
+    resumed = run_cli(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "8",
+                       "--accept_changes", "true"], cwd=tmp_path)  # fmt: skip
+    assert load_ckpt(tmp_path / "out/checkpoints/rooted/last.ckpt")["global_step"] == 8, resumed.stderr[-2000:]
+
+
+def test_missing_evaluation_files_are_a_warning_naming_the_fix(monkeypatch):
+    import lm_tying._lightning_cli as lightning_cli
+
+    def no_gensim(name):
+        raise FileNotFoundError(name)
+
+    monkeypatch.setattr(lightning_cli, "default_eval_file", no_gensim)
+    with pytest.warns(UserWarning, match=r'simlex999.txt come with gensim.*pip install -e "\.\[eval\]"'):
+        lightning_cli.warn_if_eval_files_missing({"evaluate": True, "eval_analogies": None, "eval_pairs": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lightning_cli.warn_if_eval_files_missing({"evaluate": True, "eval_analogies": "q.txt", "eval_pairs": []})
+        lightning_cli.warn_if_eval_files_missing({"evaluate": False})
 
 
 def test_generate_from_lm_checkpoint(trained):

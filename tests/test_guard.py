@@ -194,7 +194,7 @@ def test_resume_on_another_corpus_is_refused_by_its_fingerprint(run_dir, monkeyp
 
 # ------------------------------------------------------------------------------------------- integrity
 def test_a_corrupt_checkpoint_is_named_in_one_line(run_dir):
-    from lm_tying.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError
+    from lm_tying.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
 
     assert fit(run_dir, "lm", name="lm")[0] == 0
     path = run_dir / "checkpoints/lm/last.ckpt"
@@ -217,10 +217,10 @@ def test_last_ckpt_is_also_written_on_a_clock(tmp_path, monkeypatch):
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    import lm_tying.callbacks as callbacks
+    from lm_tying.callbacks import checkpoints
 
     clock = [0.0]
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
     saved_at = []
 
     class Tick(pl.Callback):
@@ -230,7 +230,7 @@ def test_last_ckpt_is_also_written_on_a_clock(tmp_path, monkeypatch):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             saved_at.append(trainer.global_step)
 
-    last = callbacks.LastCheckpoint(str(tmp_path), every_n_train_steps=0, every_n_minutes=1.0)
+    last = checkpoints.LastCheckpoint(str(tmp_path), every_n_train_steps=0, every_n_minutes=1.0)
     trainer = pl.Trainer(
         max_steps=7, callbacks=[Tick(), last], logger=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
@@ -246,7 +246,7 @@ def test_last_ckpt_is_written_when_a_step_crosses_the_interval(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    import lm_tying.callbacks as callbacks
+    from lm_tying.callbacks import checkpoints
 
     class ThreeStepsABatch(BoringModel):
         def __init__(self):
@@ -266,7 +266,7 @@ def test_last_ckpt_is_written_when_a_step_crosses_the_interval(tmp_path):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             saved_at.append(trainer.global_step)
 
-    last = callbacks.LastCheckpoint(str(tmp_path), every_n_train_steps=5, every_n_minutes=0)
+    last = checkpoints.LastCheckpoint(str(tmp_path), every_n_train_steps=5, every_n_minutes=0)
     trainer = pl.Trainer(
         max_steps=18, callbacks=[Record(), last], logger=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,

@@ -157,7 +157,7 @@ def test_atomic_save_replaces_and_clears_leftovers(tmp_path):
     import torch
 
     from lm_tying.atomic import temporary_name
-    from lm_tying.checkpoint_io import AtomicCheckpointIO
+    from lm_tying.checkpoint import AtomicCheckpointIO
 
     target = tmp_path / "run" / "last.ckpt"
     target.parent.mkdir()

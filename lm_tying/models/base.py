@@ -12,17 +12,13 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
+from lm_tying.checkpoint import MODEL_KEY, VOCAB_KEY, CheckpointMismatchError
 from lm_tying.data.vocab import Vocabulary
 
 if TYPE_CHECKING:
     from lm_tying.vectors import WordVectors
 
-MODEL_KEY = "lm_tying_model"
-VOCAB_KEY = "vocabulary"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not belong to this model or to this data."""
+__all__ = ["CheckpointMismatchError", "WordEmbeddingModule"]
 
 
 class WordEmbeddingModule(L.LightningModule):

@@ -709,7 +709,7 @@ def load_word_vectors(path: str | os.PathLike) -> tuple[list[str], Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"embedding_init: no such file {str(path)!r}")
     if path.suffix in {".ckpt", ".pt", ".pth"}:
-        from lm_tying.export import load_model  # the project's one loader of its checkpoints (either model)
+        from lm_tying.checkpoint import load_model  # the project's one loader of its checkpoints (either model)
 
         wv = load_model(path).word_vectors()
     else:
