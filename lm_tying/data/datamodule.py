@@ -23,6 +23,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
+from lm_tying import _lightning
 from lm_tying.atomic import atomic_path
 from lm_tying.data.corpus import (
     TEXT8_URL,
@@ -254,7 +255,7 @@ class Text8DataModule(L.LightningDataModule):
     def _trainer_position(self) -> tuple[int, int]:
         """The epoch and the batches trained on in it, as Lightning counts them."""
         trainer = self.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch, _lightning.batches_processed_in_epoch(trainer)
 
     def _stream(self, stage: Literal["train", "val", "test"]):
         rank, world_size = self._rank()
