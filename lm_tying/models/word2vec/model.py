@@ -58,6 +58,12 @@ DEFAULT_PROBE_WORDS = (
 class Word2Vec(WordEmbeddingModule):
     """Skip-gram word2vec (input embedding, output weights and bias) with NCE or negative sampling."""
 
+    # what FiniteGuard (the CLI's divergence check) advises when the training loss becomes non-finite
+    divergence_levers = (
+        "lower the learning rate (--model.init_args.lr) or the pairs per update (--model.init_args.update_pairs): "
+        "with reduction='sum' a frequent word gets the summed step of all its occurrences in an update"
+    )
+
     def __init__(
         self,
         vocab_size: int,
@@ -327,72 +333,87 @@ class Word2Vec(WordEmbeddingModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         center, context = batch
         opt, sched = self.optimizers(), self.lr_schedulers()
-        steps, count = [(center, context)], 1
-        if self.hparams.step_per_update:  # each update is a step (of its own lr, logged as one)
-            size = self.hparams.update_pairs
-            steps = list(zip(center.split(size), context.split(size)))
-            count = len(steps)
-            if self.trainer.world_size > 1:  # a shorter last batch on one rank: all ranks step alike
-                count = int(self.trainer.strategy.reduce(torch.tensor(count, device=center.device), reduce_op="max"))
-            if self.trainer.max_steps > 0:
-                count = min(count, self.trainer.max_steps - self.global_step)
+        first_step = self.global_step
         self.engine.begin_batch()
-        total, pairs = 0.0, 0
-        for i in range(count):
+        if self.hparams.step_per_update:
+            losses, lr = self._updates_as_steps(center, context, opt, sched)
+        else:
             lr = opt.param_groups[0]["lr"]
-            if i < len(steps):
-                c, x = steps[i]
-                loss = self.engine.train_batch(c, x, opt)  # one optimizer step: Lightning counts it
-                self._log_train(loss, c.numel(), lr)
-                total, pairs = total + loss * c.numel(), pairs + c.numel()
-            else:
-                opt.step()  # nothing left of this rank's batch: a step without pairs keeps the ranks' counts equal
+            losses = [self.engine.train_batch(center, context, opt)]  # one optimizer step: Lightning counts it
             if sched is not None:
                 sched.step()
         self.engine.end_batch()
-        return total / max(pairs, 1)
+        loss = torch.stack(losses)
+        self._log_train(loss, first_step, center.numel(), lr)
+        return loss.mean()
 
-    def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
-        """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
-        self._win_loss = loss if self._win_loss is None else self._win_loss + loss
-        self._win_steps += 1
-        self._win_pairs += pairs
-        every = self.hparams.average_loss_every
+    def _updates_as_steps(self, center: Tensor, context: Tensor, opt: Any, sched: Any) -> tuple[list[Tensor], float]:
+        """``step_per_update``: each update of ``update_pairs`` pairs is a step at its own lr. Only the last goes
+        through Lightning's optimizer step (its machinery costs more than a 128-pair update); the others are
+        applied by the engine directly and counted with :func:`count_optimizer_steps`, so ``global_step``,
+        ``max_steps``, checkpoints and resume count updates. Returns each update's mean loss, in order, and the
+        last update's lr."""
+        size = self.hparams.update_pairs
+        updates = list(zip(center.split(size), context.split(size)))
+        count = len(updates)
+        if self.trainer.world_size > 1:  # a shorter last batch on one rank: all ranks step alike
+            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=center.device), reduce_op="max"))
+        if self.trainer.max_steps > 0:
+            count = min(count, self.trainer.max_steps - self.global_step)
+        group, losses = opt.param_groups[0], []
+        for i in range(count - 1):
+            if i < len(updates):  # else nothing is left of this rank's batch: a step without pairs
+                losses.append(self.engine.update(*updates[i], group["lr"]))
+            if sched is not None:
+                sched.step()
+        count_optimizer_steps(self.trainer, count - 1)
+        lr = group["lr"]
+        if count <= len(updates):
+            losses.append(self.engine.train_batch(*updates[count - 1], opt))  # Lightning's step counts this one
+        else:
+            opt.step()
+        if sched is not None:
+            sched.step()
+        return losses, lr
+
+    def _log_train(self, losses: Tensor, first_step: int, pairs: int, lr: float) -> None:
+        """The batch's update losses (steps ``first_step + 1``...) into the "Average loss at step N" window, and
+        into the logging window of loss, lr and throughput; one host sync per closed window, none per step."""
+        losses = losses.double()  # window sums in any grouping print the same table
+        every, start = self.hparams.average_loss_every, 0
         if every:
-            self._avg_loss = loss if self._avg_loss is None else self._avg_loss + loss
-            self._avg_steps += 1
-            if self._avg_steps == every:
-                avg = float(self._avg_loss) / every
-                # straight to the loggers: written at this step even when it is not a logging step
-                for logger in self.loggers:
-                    logger.log_metrics({"train/avg_loss": avg}, step=self.global_step)
-                self.print(f"Average loss at step {self.global_step}: {avg:.3f}")
-                self._avg_loss, self._avg_steps = None, 0
-        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if self.global_step % max(log_every, 1) != 0:
+            for end_step in range(every * (first_step // every + 1), first_step + len(losses) + 1, every):
+                end = end_step - first_step
+                self._avg_loss = losses[start:end].sum() + (0.0 if self._avg_loss is None else self._avg_loss)
+                self._avg_steps += end - start
+                avg = float(self._avg_loss) / self._avg_steps
+                for logger in self.loggers:  # at this step, whichever step Lightning is logging at
+                    logger.log_metrics({"train/avg_loss": avg}, step=end_step)
+                self.print(f"Average loss at step {end_step}: {avg:.3f}")
+                self._avg_loss, self._avg_steps, start = None, 0, end
+            if start < len(losses):
+                rest = losses[start:].sum()
+                self._avg_loss = rest if self._avg_loss is None else self._avg_loss + rest
+                self._avg_steps += len(losses) - start
+        total = losses.sum()
+        self._win_loss = total if self._win_loss is None else self._win_loss + total
+        self._win_steps += len(losses)
+        self._win_pairs += pairs
+        step = first_step + len(losses)
+        log_every = max(self.trainer.log_every_n_steps, 1)
+        if first_step // log_every == step // log_every:  # no multiple of log_every crossed
             return
         now = time.perf_counter()
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if not math.isfinite(float(self._win_loss)):
-            raise FloatingPointError(
-                f"Word2Vec diverged (training loss {float(self._win_loss)} at step {self.global_step}): lower "
-                f"model.lr (now {self.hparams.lr}) or model.update_pairs -- with reduction='sum' a frequent word "
-                "gets the summed step of all its occurrences in an update"
-            )
         metrics = {
-            "train/loss": self._win_loss / self._win_steps,
+            "train/loss": float(self._win_loss) / max(self._win_steps, 1),
             "lr": lr,
-            "train/pairs_per_sec": world * self._win_pairs / max(now - self._win_start, 1e-9),
+            "train/pairs_per_sec": self.trainer.world_size * self._win_pairs / max(now - self._win_start, 1e-9),
         }
-        if self.hparams.step_per_update:
-            # Lightning writes what self.log holds once per batch, at its batch count; here a batch holds
-            # many steps, so the figures go to the loggers at this step, as the average loss does
-            for logger in self.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
-            self.trainer.callback_metrics.update({k: torch.as_tensor(float(v)) for k, v in metrics.items()})
-        else:
-            for name, value in metrics.items():
-                self.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
+        # to the loggers at the step (a batch may carry many steps); the progress bar shows loss and pairs/s
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name != "lr", logger=False)
         self._win_loss, self._win_steps, self._win_pairs, self._win_start = None, 0, 0, now
 
     # ------------------------------------------------------------------------------ validation
@@ -482,6 +503,18 @@ class Word2Vec(WordEmbeddingModule):
 
     def evaluate_word_pairs(self, path: str | None = None, **kwargs: Any) -> tuple[float, float, float]:
         return self.word_vectors().evaluate_word_pairs(path, **kwargs)
+
+
+def count_optimizer_steps(trainer: Any, steps: int) -> None:
+    """Count ``steps`` optimizer steps taken outside Lightning's optimizer wrapper (``step_per_update``).
+
+    With manual optimization Lightning's ``global_step`` is the number of completed steps of its wrapped optimizers,
+    kept in the training loop's progress (which checkpoints save and resume restores); ``max_steps``, checkpoint
+    intervals and logging read it. This is the one place that touches Lightning's private loop state (2.x layout).
+    """
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.total.increment_by(steps)
+    progress.current.increment_by(steps)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
