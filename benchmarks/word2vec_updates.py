@@ -70,7 +70,8 @@ class UpdatesTime(L.Callback):
 
 
 def plain_loop(corpus: str, updates: int, data_dir: str) -> tuple[float, float]:
-    """Updates per wall and CPU second of a bare loop: the loader's batches, cut into 128-pair updates, each applied by the engine."""
+    """Updates per wall and CPU second of a bare loop: the loader's batches, cut into 128-pair updates, each
+    applied by the engine."""
     cfg = yaml.safe_load(CONFIG.read_text())
     L.seed_everything(0, verbose=False)
     dm = Text8DataModule(**dict(cfg["data"]["init_args"], path=corpus, data_dir=data_dir))

@@ -156,7 +156,8 @@ class Engine:
         return loss / center.numel()
 
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
-        """One update on these pairs, outside Lightning's optimizer step (nothing counts it); returns their mean loss."""
+        """One update on these pairs, outside Lightning's optimizer step (nothing counts it); returns their mean
+        loss."""
         raise NotImplementedError
 
     def begin_batch(self) -> None:

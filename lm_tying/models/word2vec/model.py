@@ -433,10 +433,11 @@ class Word2Vec(WordEmbeddingModule):
         log_every = max(self.trainer.log_every_n_steps, 1)
         if first_step // log_every == step // log_every:  # no multiple of log_every crossed
             return
+        seconds = max(time.perf_counter() - self._win_start, 1e-9)
         metrics = {
             "train/loss": float(self._win_loss) / max(self._win_steps, 1),
             "lr": lr,
-            "train/pairs_per_sec": self.trainer.world_size * self._win_pairs / max(time.perf_counter() - self._win_start, 1e-9),
+            "train/pairs_per_sec": self.trainer.world_size * self._win_pairs / seconds,
         }
         # to the loggers at the step (a batch may carry many steps); the progress bar shows loss and pairs/s
         for logger in self.loggers:
