@@ -5,11 +5,14 @@ that never stopped."""
 
 from __future__ import annotations
 
+import csv
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from lm_tying.callbacks import LastCheckpoint, RandomStateCheckpoint
 from lm_tying.data import Text8DataModule
@@ -20,15 +23,18 @@ TUTORIAL = dict(embedding_dim=16, loss="nce", unique=True, num_sampled=8, lr=1.0
                 init="tutorial", evaluate=False, threads=1, update_pairs=PAIRS, step_per_update=True)  # fmt: skip
 
 
-def fit(root, corpus, max_steps, callbacks=(), ckpt_path=None, **model_kw) -> tuple[Word2Vec, L.Trainer]:
+def fit(
+    root, corpus, max_steps, callbacks=(), ckpt_path=None, trainer_kw=None, **model_kw
+) -> tuple[Word2Vec, L.Trainer]:
     L.seed_everything(0, verbose=False)
     dm = Text8DataModule(path=str(corpus), data_dir=str(root / "data"), vocab_size=None, min_count=1,
                          batch_size=BATCH, window=2, num_workers=0)  # fmt: skip
     model = Word2Vec(vocab_size=dm.num_words, **{**TUTORIAL, "average_loss_every": 0, **model_kw})
-    trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, callbacks=list(callbacks), logger=False,
+    trainer_args = dict(max_steps=max_steps, max_epochs=-1, callbacks=list(callbacks), logger=False,
                         enable_checkpointing=any(isinstance(c, LastCheckpoint) for c in callbacks),
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, log_every_n_steps=5, default_root_dir=str(root))  # fmt: skip
+    trainer = L.Trainer(**{**trainer_args, **(trainer_kw or {})})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, dm, ckpt_path=ckpt_path)
@@ -58,12 +64,20 @@ class RecordSteps(L.Callback):
 
 def test_every_update_is_a_step_with_the_schedules_lr(tmp_path, make_corpus):
     record = RecordSteps()
-    _, trainer = fit(tmp_path, make_corpus(num_words=3000), 37, [record], lr=0.1, lr_decay="linear", min_lr_ratio=0.3)
+    logger = CSVLogger(str(tmp_path / "csv"), name="w2v")
+    validate_every_2_batches = dict(logger=logger, limit_val_batches=1, val_check_interval=2, log_every_n_steps=10)
+    _, trainer = fit(tmp_path, make_corpus(num_words=3000), 37, [record], trainer_kw=validate_every_2_batches,
+                     lr=0.1, lr_decay="linear", min_lr_ratio=0.3)  # fmt: skip
     assert record.steps_after_batch == [8, 16, 24, 32, 37]  # max_steps cuts the fifth batch after 5 updates
     assert trainer.global_step == 37
     expected = [0.1 * max(1 - step / 37, 0.3) for step in range(37)]  # word2vec's linear decay, step by step
     assert record.lrs == pytest.approx(expected, rel=1e-12)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 37
+    # training and validation figures share one step axis, the updates (validation at Lightning's "step - 1")
+    logger.save()
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [16, 24, 32]  # batches crossing 10, 20, 30
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [15, 31]
 
 
 def test_a_run_stopped_inside_a_batch_resumes_exactly(tmp_path, make_corpus, capsys):

@@ -439,9 +439,11 @@ class Word2Vec(WordEmbeddingModule):
             "lr": lr,
             "train/pairs_per_sec": self.trainer.world_size * self._win_pairs / seconds,
         }
-        # to the loggers at the step (a batch may carry many steps); the progress bar shows loss and pairs/s
+        # to the loggers at the step (a batch may carry many steps), saved as Lightning saves what it logs; the
+        # progress bar shows loss and pairs/s
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
+            logger.save()
         for name, value in metrics.items():
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=name != "lr", logger=False)
         self._reset_log_window()
@@ -540,11 +542,15 @@ def count_optimizer_steps(trainer: Any, steps: int) -> None:
 
     With manual optimization Lightning's ``global_step`` is the number of completed steps of its wrapped optimizers,
     kept in the training loop's progress (which checkpoints save and resume restores); ``max_steps``, checkpoint
-    intervals and logging read it. This is the one place that touches Lightning's private loop state (2.x layout).
+    intervals and logging read it. Lightning writes ``self.log``'s metrics (validation's) at its count of batches that
+    stepped, advanced alike so that they land on the same step axis as the updates. This is the one place that
+    touches Lightning's private loop state (2.x layout).
     """
-    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.manual_optimization.optim_step_progress
     progress.total.increment_by(steps)
     progress.current.increment_by(steps)
+    loop._batches_that_stepped += steps
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
