@@ -145,8 +145,9 @@ class Word2Vec(WordEmbeddingModule):
             step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
                 lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
                 loader batch then carries many small updates, with the maths and figures of one batch per
-                update and without the framework's cost per batch (Lightning's loop, logging, the loader).
-                Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
+                update and without the framework's cost per batch or per step (Lightning's loop and optimizer
+                step, logging, the loader); a run that ``max_steps`` stops inside a batch resumes with the
+                updates it left. Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
             ddp_merge: DDP with the sequential and batched engines: how the ranks' changes to a row are combined
                 after each batch. ``sum``: every pair keeps its full step, as in one process; ``mean``: a row
                 changed by several ranks gets the mean of their changes, a row changed by one rank its change.
