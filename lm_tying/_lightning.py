@@ -49,3 +49,18 @@ def should_skip_saving(callback: ModelCheckpoint, trainer: pl.Trainer) -> bool:
 def last_step_saved(callback: ModelCheckpoint) -> int:
     """The global step of ``callback``'s most recent save (0 before the first)."""
     return int(callback._last_global_step_saved)
+
+
+def count_optimizer_steps(trainer: pl.Trainer, steps: int) -> None:
+    """Count ``steps`` optimizer steps taken outside Lightning's optimizer wrapper (``step_per_update``).
+
+    With manual optimization Lightning's ``global_step`` is the number of completed steps of its wrapped optimizers,
+    kept in the training loop's progress (which checkpoints save and resume restores); ``max_steps``, checkpoint
+    intervals and logging read it. Lightning writes ``self.log``'s metrics (validation's) at its count of batches that
+    stepped, advanced alike so that they land on the same step axis as the updates.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.manual_optimization.optim_step_progress
+    progress.total.increment_by(steps)
+    progress.current.increment_by(steps)
+    loop._batches_that_stepped += steps

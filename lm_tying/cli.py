@@ -230,7 +230,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ArgumentError,  # a config mistake, condensed to one line by _config_error
         RunLockedError,
         TrainingDivergedError,
-        FloatingPointError,  # a model's own divergence check
         ValueError,  # includes CorpusError, CheckpointError, CheckpointMismatchError, ExportError
         FileNotFoundError,
         IsADirectoryError,

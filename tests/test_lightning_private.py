@@ -52,6 +52,22 @@ def test_epoch_loop_batch_progress(fitted):
     assert _lightning.batches_processed_in_epoch(fitted[0]) == 3
 
 
+def test_optimizer_step_progress_drives_global_step(fitted):
+    trainer, _ = fitted
+    loop, module = trainer.fit_loop.epoch_loop, trainer.lightning_module
+    assert isinstance(loop._batches_that_stepped, int)
+    batches = loop._batches_that_stepped
+    module.automatic_optimization = False  # word2vec optimizes manually: global_step reads that loop's count
+    try:
+        start = trainer.global_step
+        _lightning.count_optimizer_steps(trainer, 5)
+        assert trainer.global_step == start + 5
+        assert loop._batches_that_stepped == batches + 5
+    finally:
+        module.automatic_optimization = True
+        loop._batches_that_stepped = batches
+
+
 def test_model_checkpoint_internals(fitted, tmp_path):
     trainer, checkpoint = fitted
     assert parameters(ModelCheckpoint._save_last_checkpoint) == ["self", "trainer", "monitor_candidates"]

@@ -370,10 +370,13 @@ def test_noise_never_draws_unk_when_the_data_drops_it(tmp_path, make_corpus):
 
 
 def test_divergence_fails_clearly(tmp_path, make_corpus):
+    """The CLI's FiniteGuard stops a diverged run with word2vec's own advice (the model itself never syncs)."""
+    from lm_tying.callbacks import FiniteGuard, TrainingDivergedError
+
     corpus = make_corpus(planted_corpus(3000))
-    with pytest.raises(FloatingPointError, match="lower model.lr"):
+    with pytest.raises(TrainingDivergedError, match=r"non-finite at step \d+.*lower the learning rate.*update_pairs"):
         fit(tmp_path, corpus, model_kw=dict(lr=1e4, init="tutorial"), trainer_kw=dict(max_steps=30, max_epochs=None,
-            limit_val_batches=0, log_every_n_steps=10))  # fmt: skip
+            limit_val_batches=0, log_every_n_steps=10, callbacks=[FiniteGuard()]))  # fmt: skip
 
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")

@@ -38,6 +38,8 @@ class FiniteGuard(Callback):
         self._batches = 0
 
     def _levers(self, pl_module: pl.LightningModule) -> str:
+        if getattr(pl_module, "divergence_levers", None):  # a model's own advice (word2vec: its update size too)
+            return pl_module.divergence_levers
         lr = "lower the learning rate (--model.init_args.lr)"
         if pl_module.automatic_optimization:
             return f"{lr} or clip gradients (--trainer.gradient_clip_val, e.g. 0.25)"

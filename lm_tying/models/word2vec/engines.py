@@ -147,7 +147,8 @@ class Engine:
         return LearningRateHolder(params, lr=lr)
 
     def train_batch(self, center: Tensor, context: Tensor, optimizer: Any) -> Tensor:
-        """Updates of ``update_pairs`` pairs in order; ``optimizer.step()`` once (it counts the step)."""
+        """Updates of ``update_pairs`` pairs in order at the optimizer's lr; ``optimizer.step()`` once (Lightning's
+        wrapper counts the step)."""
         lr = optimizer.param_groups[0]["lr"]
         size = self.update_pairs or center.numel()
         loss = sum(self.update(c, x, lr) * c.numel() for c, x in zip(center.split(size), context.split(size)))
@@ -155,7 +156,8 @@ class Engine:
         return loss / center.numel()
 
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
-        """One update on these pairs; returns their mean loss."""
+        """One update on these pairs, outside Lightning's optimizer step (nothing counts it); returns their mean
+        loss."""
         raise NotImplementedError
 
     def begin_batch(self) -> None:
@@ -239,21 +241,32 @@ class AutogradEngine(Engine):
             "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "sparse_adam": torch.optim.SparseAdam,
             "adam": torch.optim.Adam,
         }  # fmt: skip
-        return kinds[name](params, lr=lr)
+        self.bare_optimizer = kinds[name](params, lr=lr)  # what ``update`` steps (Lightning wraps this one)
+        return self.bare_optimizer
+
+    def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
+        """One backward and step of the bare optimizer, at its own lr (the one the caller read)."""
+        return self._backward_and_step(center, context, self.bare_optimizer, generator)
 
     def train_batch(self, center: Tensor, context: Tensor, optimizer: Any) -> Tensor:
-        m, reduction = self.model, self.model.hparams.reduction
         size = self.update_pairs or center.numel()
         chunks = list(zip(center.split(size), context.split(size)))
         total = center.new_zeros((), dtype=torch.float32)
         for i, (c, x) in enumerate(chunks):
-            loss = m.compute_loss(c, x, reduction=reduction, sparse=self.sparse)
-            optimizer.zero_grad(set_to_none=True)
-            m.manual_backward(loss)
             # Lightning counts a step at each step of its optimizer wrapper: the last update steps through it
-            (optimizer if i == len(chunks) - 1 else getattr(optimizer, "optimizer", optimizer)).step()
-            total += loss.detach().float() * (1 if reduction == "sum" else c.numel())
+            last = i == len(chunks) - 1
+            total += self._backward_and_step(c, x, optimizer if last else self.bare_optimizer) * c.numel()
         return total / center.numel()
+
+    def _backward_and_step(
+        self, center: Tensor, context: Tensor, optimizer: Any, generator: torch.Generator | None = None
+    ) -> Tensor:
+        m, reduction = self.model, self.model.hparams.reduction
+        loss = m.compute_loss(center, context, generator, reduction=reduction, sparse=self.sparse)
+        optimizer.zero_grad(set_to_none=True)
+        m.manual_backward(loss)
+        optimizer.step()
+        return loss.detach().float() / (center.numel() if reduction == "sum" else 1)
 
 
 class SummedDeltas(Engine):

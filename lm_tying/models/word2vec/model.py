@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from lm_tying import _lightning
 from lm_tying.models.base import WordEmbeddingModule
 from lm_tying.models.word2vec.engines import (
     Engine,
@@ -50,6 +51,8 @@ from lm_tying.nce import (
 )
 from lm_tying.vectors import EVAL_FILES, WordVectors, default_eval_file
 
+TRAIN_STATE_KEY = "word2vec_train_state"  # checkpoint entry of Word2Vec.on_save_checkpoint
+
 DEFAULT_PROBE_WORDS = (
     "one", "american", "war", "king", "france", "computer", "music", "water", "god", "good", "three", "german",
 )  # fmt: skip
@@ -57,6 +60,12 @@ DEFAULT_PROBE_WORDS = (
 
 class Word2Vec(WordEmbeddingModule):
     """Skip-gram word2vec (input embedding, output weights and bias) with NCE or negative sampling."""
+
+    # what FiniteGuard (the CLI's divergence check) advises when the training loss becomes non-finite
+    divergence_levers = (
+        "lower the learning rate (--model.init_args.lr) or the pairs per update (--model.init_args.update_pairs): "
+        "with reduction='sum' a frequent word gets the summed step of all its occurrences in an update"
+    )
 
     def __init__(
         self,
@@ -137,8 +146,9 @@ class Word2Vec(WordEmbeddingModule):
             step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
                 lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
                 loader batch then carries many small updates, with the maths and figures of one batch per
-                update and without the framework's cost per batch (Lightning's loop, logging, the loader).
-                Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
+                update and without the framework's cost per batch or per step (Lightning's loop and optimizer
+                step, logging, the loader); a run that ``max_steps`` stops inside a batch resumes with the
+                updates it left. Needs ``update_pairs``; with ``lr_decay: linear``, ``max_steps``.
             ddp_merge: DDP with the sequential and batched engines: how the ranks' changes to a row are combined
                 after each batch. ``sum``: every pair keeps its full step, as in one process; ``mean``: a row
                 changed by several ranks gets the mean of their changes, a row changed by one rank its change.
@@ -202,7 +212,8 @@ class Word2Vec(WordEmbeddingModule):
         self.engine_choice: EngineChoice | None = None
         self._decay_steps: float | None = None  # the linear decay's length, read once training has started
         self._val_generator: torch.Generator | None = None
-        self._reset_windows()
+        self._reset_train_state()
+        self._reset_log_window()
 
     # ------------------------------------------------------------------------------ parameters
     @torch.no_grad()
@@ -231,6 +242,7 @@ class Word2Vec(WordEmbeddingModule):
             self.sampler.set_counts(torch.as_tensor(counts))
         if stage != "fit" or self._trainer is None:
             return
+        self._reset_train_state()  # before a resumed fit restores it (on_load_checkpoint)
         strategy, world = self.trainer.strategy, self.trainer.world_size
         self.engine_choice = choose_engine(self.hparams, strategy.root_device, world)
         all_reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None
@@ -277,19 +289,43 @@ class Word2Vec(WordEmbeddingModule):
         # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
         # floats, whose arithmetic is ~100x slower on x86 CPUs; flushing them to zero changes nothing else.
         torch.set_flush_denormal(True)
-        self._reset_windows()
+        self._reset_log_window()
 
     def on_fit_end(self) -> None:  # leave the process as we found it
         torch.set_num_threads(self._saved_threads)
         torch.set_flush_denormal(False)
 
-    def _reset_windows(self) -> None:
-        self._win_loss: Tensor | None = None
+    def _reset_log_window(self) -> None:
+        """The window of ``train/loss``, ``lr`` and ``train/pairs_per_sec`` (``trainer.log_every_n_steps``)."""
+        self._win_loss: Tensor | float = 0.0
         self._win_steps = 0
         self._win_pairs = 0
         self._win_start = time.perf_counter()
-        self._avg_loss: Tensor | None = None
+
+    def _reset_train_state(self) -> None:
+        """What a checkpoint carries besides weights and loops: the open "Average loss at step N" window and the
+        updates of the last batch that ``max_steps`` left untrained (``step_per_update``)."""
+        self._avg_loss: Tensor | float = 0.0
         self._avg_steps = 0
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Under DDP a checkpoint holds one rank's state: each rank's untrained updates differ, so they are
+        # dropped there (as a batch cut by max_steps always was); in one process a resumed fit trains them first.
+        pending = self._pending if self._trainer is None or self.trainer.world_size == 1 else []
+        checkpoint[TRAIN_STATE_KEY] = {
+            "avg_loss": float(self._avg_loss),
+            "avg_steps": self._avg_steps,
+            "pending": [(c.cpu(), x.cpu()) for c, x in pending],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(TRAIN_STATE_KEY)
+        if state is None or self._trainer is None:  # no trainer: a model loaded for use, not a fit resumed
+            return
+        self._avg_loss, self._avg_steps, self._pending = state["avg_loss"], state["avg_steps"], list(state["pending"])
 
     # ------------------------------------------------------------------------------ the loss
     def sample_negatives(self, labels: Tensor, generator: torch.Generator | None = None) -> SampledValues:
@@ -327,73 +363,92 @@ class Word2Vec(WordEmbeddingModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         center, context = batch
         opt, sched = self.optimizers(), self.lr_schedulers()
-        steps, count = [(center, context)], 1
-        if self.hparams.step_per_update:  # each update is a step (of its own lr, logged as one)
-            size = self.hparams.update_pairs
-            steps = list(zip(center.split(size), context.split(size)))
-            count = len(steps)
-            if self.trainer.world_size > 1:  # a shorter last batch on one rank: all ranks step alike
-                count = int(self.trainer.strategy.reduce(torch.tensor(count, device=center.device), reduce_op="max"))
-            if self.trainer.max_steps > 0:
-                count = min(count, self.trainer.max_steps - self.global_step)
+        first_step = self.global_step
         self.engine.begin_batch()
-        total, pairs = 0.0, 0
-        for i in range(count):
-            lr = opt.param_groups[0]["lr"]
-            if i < len(steps):
-                c, x = steps[i]
-                loss = self.engine.train_batch(c, x, opt)  # one optimizer step: Lightning counts it
-                self._log_train(loss, c.numel(), lr)
-                total, pairs = total + loss * c.numel(), pairs + c.numel()
-            else:
-                opt.step()  # nothing left of this rank's batch: a step without pairs keeps the ranks' counts equal
+        if self.hparams.step_per_update:
+            losses, lr, pairs = self._updates_as_steps(center, context, opt, sched)
+        else:
+            lr, pairs = opt.param_groups[0]["lr"], center.numel()
+            losses = [self.engine.train_batch(center, context, opt)]  # one optimizer step: Lightning counts it
             if sched is not None:
                 sched.step()
         self.engine.end_batch()
-        return total / max(pairs, 1)
+        loss = torch.stack(losses)
+        self._log_train(loss, first_step, pairs, lr)
+        return loss.mean()
 
-    def _log_train(self, loss: Tensor, pairs: int, lr: float) -> None:
-        """Loss, lr and throughput averaged over the trainer's logging window; no per-step sync."""
-        self._win_loss = loss if self._win_loss is None else self._win_loss + loss
-        self._win_steps += 1
-        self._win_pairs += pairs
-        every = self.hparams.average_loss_every
-        if every:
-            self._avg_loss = loss if self._avg_loss is None else self._avg_loss + loss
-            self._avg_steps += 1
-            if self._avg_steps == every:
-                avg = float(self._avg_loss) / every
-                # straight to the loggers: written at this step even when it is not a logging step
-                for logger in self.loggers:
-                    logger.log_metrics({"train/avg_loss": avg}, step=self.global_step)
-                self.print(f"Average loss at step {self.global_step}: {avg:.3f}")
-                self._avg_loss, self._avg_steps = None, 0
-        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if self.global_step % max(log_every, 1) != 0:
-            return
-        now = time.perf_counter()
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if not math.isfinite(float(self._win_loss)):
-            raise FloatingPointError(
-                f"Word2Vec diverged (training loss {float(self._win_loss)} at step {self.global_step}): lower "
-                f"model.lr (now {self.hparams.lr}) or model.update_pairs -- with reduction='sum' a frequent word "
-                "gets the summed step of all its occurrences in an update"
-            )
-        metrics = {
-            "train/loss": self._win_loss / self._win_steps,
-            "lr": lr,
-            "train/pairs_per_sec": world * self._win_pairs / max(now - self._win_start, 1e-9),
-        }
-        if self.hparams.step_per_update:
-            # Lightning writes what self.log holds once per batch, at its batch count; here a batch holds
-            # many steps, so the figures go to the loggers at this step, as the average loss does
-            for logger in self.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
-            self.trainer.callback_metrics.update({k: torch.as_tensor(float(v)) for k, v in metrics.items()})
+    def _updates_as_steps(
+        self, center: Tensor, context: Tensor, opt: Any, sched: Any
+    ) -> tuple[list[Tensor], float, int]:
+        """``step_per_update``: each update of ``update_pairs`` pairs is a step at its own lr. Only the last goes
+        through Lightning's optimizer step (its machinery costs more than a 128-pair update); the others are
+        applied by the engine directly and counted with ``_lightning.count_optimizer_steps``, so ``global_step``,
+        ``max_steps``, checkpoints and resume count updates. Returns each update's mean loss in order, the last
+        update's lr and the pairs trained."""
+        size = self.hparams.update_pairs
+        updates = [(c.to(center.device), x.to(center.device)) for c, x in self._pending]  # from a resumed checkpoint
+        updates += zip(center.split(size), context.split(size))
+        count = len(updates)
+        if self.trainer.world_size > 1:  # a shorter last batch on one rank: all ranks step alike
+            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=center.device), reduce_op="max"))
+        if self.trainer.max_steps > 0:
+            count = min(count, self.trainer.max_steps - self.global_step)
+        self._pending = updates[count:]  # what max_steps leaves of this batch: a resumed fit trains it first
+        group, losses = opt.param_groups[0], []
+        for i in range(count - 1):
+            if i < len(updates):  # else nothing is left of this rank's batch: a step without pairs
+                losses.append(self.engine.update(*updates[i], group["lr"]))
+            if sched is not None:
+                sched.step()
+        _lightning.count_optimizer_steps(self.trainer, count - 1)
+        lr = group["lr"]
+        if count <= len(updates):
+            losses.append(self.engine.train_batch(*updates[count - 1], opt))  # Lightning's step counts this one
         else:
-            for name, value in metrics.items():
-                self.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
-        self._win_loss, self._win_steps, self._win_pairs, self._win_start = None, 0, 0, now
+            opt.step()
+        if sched is not None:
+            sched.step()
+        return losses, lr, sum(c.numel() for c, _ in updates[:count])
+
+    def _log_train(self, losses: Tensor, first_step: int, pairs: int, lr: float) -> None:
+        """The batch's update losses (steps ``first_step + 1``...) into the "Average loss at step N" window, and
+        into the logging window of loss, lr and throughput; one host sync per closed window, none per step."""
+        losses = losses.double()  # window sums in any grouping print the same table
+        every, start = self.hparams.average_loss_every, 0
+        if every:
+            for end_step in range(every * (first_step // every + 1), first_step + len(losses) + 1, every):
+                end = end_step - first_step
+                self._avg_loss = self._avg_loss + losses[start:end].sum()
+                self._avg_steps += end - start
+                avg = float(self._avg_loss) / self._avg_steps
+                for logger in self.loggers:  # at this step, whichever step Lightning is logging at
+                    logger.log_metrics({"train/avg_loss": avg}, step=end_step)
+                self.print(f"Average loss at step {end_step}: {avg:.3f}")
+                self._avg_loss, self._avg_steps, start = 0.0, 0, end
+            if start < len(losses):
+                self._avg_loss = self._avg_loss + losses[start:].sum()
+                self._avg_steps += len(losses) - start
+        self._win_loss = self._win_loss + losses.sum()
+        self._win_steps += len(losses)
+        self._win_pairs += pairs
+        step = self.global_step
+        log_every = max(self.trainer.log_every_n_steps, 1)
+        if first_step // log_every == step // log_every:  # no multiple of log_every crossed
+            return
+        seconds = max(time.perf_counter() - self._win_start, 1e-9)
+        metrics = {
+            "train/loss": float(self._win_loss) / max(self._win_steps, 1),
+            "lr": lr,
+            "train/pairs_per_sec": self.trainer.world_size * self._win_pairs / seconds,
+        }
+        # to the loggers at the step (a batch may carry many steps), saved as Lightning saves what it logs; the
+        # progress bar shows loss and pairs/s
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name != "lr", logger=False)
+        self._reset_log_window()
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
