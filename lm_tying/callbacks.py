@@ -6,6 +6,7 @@
 - :class:`FiniteGuard`: stops fit at a non-finite loss, and no checkpoint ever holds non-finite weights.
 - :class:`RandomStateCheckpoint`: global and model-owned random generators travel in checkpoints (exact resume).
 - :class:`GracefulInterrupt`: the first Ctrl-C stops like SIGTERM (finish the step, save, exit); the second aborts.
+- :class:`ValidateLastEpoch`: with ``check_val_every_n_epoch`` > 1, the last epoch still validates (final metrics).
 - :class:`RunMetadata`: the run name, TensorBoard version, settings and corpus fingerprint in each checkpoint, so a
   resume logs into the same run and can be checked against the settings it is asked to continue with.
 """
@@ -631,3 +632,18 @@ class DataHyperparameters(Callback):
         params = {f"data/{k}": v for k, v in datamodule.hparams_initial.items()}
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
+
+
+class ValidateLastEpoch(Callback):
+    """Validates after the last of ``max_epochs`` whatever ``check_val_every_n_epoch`` says, so that a run that
+    evaluates every few epochs to save time still ends with its final metrics (and ``best.ckpt`` considers it);
+    Lightning alone skips the last epoch unless the interval divides ``max_epochs``."""
+
+    def __init__(self) -> None:
+        self._every_n_epochs: Optional[int] = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._every_n_epochs is None:
+            self._every_n_epochs = trainer.check_val_every_n_epoch
+        last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+        trainer.check_val_every_n_epoch = 1 if last and self._every_n_epochs else self._every_n_epochs

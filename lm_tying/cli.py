@@ -57,6 +57,7 @@ from lm_tying.callbacks import (
     RandomStateCheckpoint,
     RunMetadata,
     TrainingDivergedError,
+    ValidateLastEpoch,
 )
 from lm_tying.checkpoint_io import AtomicCheckpointIO
 from lm_tying.data import Text8DataModule
@@ -331,6 +332,7 @@ class LmTyingCLI(LightningCLI):
             RandomStateCheckpoint(),
             GracefulInterrupt(),
             FiniteGuard(),
+            ValidateLastEpoch(),
         ]
         if self.datamodule is not None:
             callbacks.append(DataHyperparameters())
