@@ -214,10 +214,11 @@ def timed(command: list[str], cwd: Path, log: Path) -> float:
     return seconds
 
 
-def fit_command(args, seed: int, *extra: str) -> list[str]:
+def fit_command(args, seed: int, run_name: str, *extra: str) -> list[str]:
+    """The user's command; ``--overwrite true`` replaces the checkpoints of an earlier benchmark's run."""
     return [sys.executable, "-m", "lm_tying.cli", "fit", "--config", str(Path(args.config).resolve()),
             "--data.path", str(Path(args.corpus).resolve()), "--seed_everything", str(seed),
-            "--run_name", f"bench_{seed}", *cli_overrides(args.set), *extra]  # fmt: skip
+            "--run_name", run_name, "--overwrite", "true", *cli_overrides(args.set), *extra]  # fmt: skip
 
 
 def run_whole(args, cfg) -> None:
@@ -231,7 +232,7 @@ def run_whole(args, cfg) -> None:
     print(f"{'':10s} {'seed':>4s} {'wall s':>7s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
     ours_runs, their_runs = [], []
     for seed in range(args.seed, args.seed + args.repeats):
-        wall = timed(fit_command(args, seed, *extra), work, work / f"lm_tying_{seed}.log")
+        wall = timed(fit_command(args, seed, f"bench_{seed}", *extra), work, work / f"lm_tying_{seed}.log")
         model = Word2Vec.load_from_checkpoint(work / "checkpoints" / f"bench_{seed}" / "last.ckpt", map_location="cpu")
         rows = [dict(name="lm-tying", whole=wall, **evaluate(model.word_vectors()))]
         ours_runs.append(rows[0])
@@ -288,7 +289,7 @@ def run_startup(args, cfg) -> None:
         wall, own = sorted(runs)[1]
         print(f"{name:24s} {wall if name == 'python' else own:6.2f} s")
         before += statement + "\n"
-    wall = timed(fit_command(args, args.seed, "--trainer.max_steps", "0"), work, work / "no_training.log")
+    wall = timed(fit_command(args, args.seed, "bench_no_training", "--trainer.max_steps", "0"), work, work / "no_training.log")
     print(f"{'lm-tying fit, 0 steps':24s} {wall:6.2f} s   (the whole command without training; {load_average()})")
 
 
