@@ -1,28 +1,39 @@
-"""Benchmark: this project's Word2Vec (through the DataModule and a Lightning Trainer) against gensim.
+"""Benchmark: this project's Word2Vec against gensim, as a user waits for it and training alone.
 
-    python benchmarks/word2vec.py --corpus ../shared/data/text8-head.zip
-    python benchmarks/word2vec.py --corpus ../shared/data/text8-head.zip --repeats 3   # seeds 0, 1, 2 and a summary
-    python benchmarks/word2vec.py --corpus ../shared/data/text8-head.zip --no-gensim --set model.num_sampled=10
+    python benchmarks/word2vec.py --corpus ../shared/data/text8-head.zip --repeats 3                 # all parts
+    python benchmarks/word2vec.py --corpus ../shared/data/text8-head.zip --parts train --repeats 3   # training only
+    python benchmarks/word2vec.py --corpus ../shared/data/text8-head.zip --parts train --no-gensim --set model.num_sampled=10
 
-The model, data and trainer settings come from ``configs/word2vec.yaml`` (``--config``; ``--set
-section.key=value`` overrides); gensim's skip-gram gets the matched settings: dimension, window,
-negatives per pair, subsampling threshold, min_count, vocabulary cap, epochs and the same number of
-threads; its learning rate stays its default (0.025, ``--gensim-alpha``). Both train on the same
-training split of the corpus. Printed for both: training wall time, words/s, pairs/s, Google analogy
-accuracy, WordSim-353 and SimLex-999 Spearman, and the ratios ours/gensim.
+``--parts`` (comma-separated):
 
-Timing covers training only (``trainer.fit`` with validation off / gensim's ``train``); building the
-vocabulary and encoding the corpus (``prepare``) is reported separately. On a shared machine the
-figures are noisy: compare the ratios taken in one run, and prefer ``--repeats``: each seed runs ours
-then gensim back to back, and the summary gives the median time ratio and the mean quality over seeds
-(one seed's SimLex-999 varies by about +-0.006, for gensim as for us).
+- ``whole``: the command as the user runs it, ``lm-tying fit --config configs/word2vec.yaml --data.path CORPUS
+  --seed_everything SEED`` in a subprocess (imports, data, kernel load, training, the config's evaluation,
+  checkpoints), against ``benchmarks/word2vec_gensim.py`` (gensim reading the same corpus, training on the same
+  first 90 %, evaluating), each seed ours then gensim back to back; the vectors of our ``last.ckpt`` are
+  evaluated afterwards, untimed. Both runs share one working directory, so from the second seed on ours reuses
+  the encoded-corpus cache (as a user's second run does; building it costs ~0.5 s).
+- ``startup``: where our time before the first step goes, each phase in a fresh process: Python, ``import
+  torch``, ``import lightning``, ``import lm_tying.cli``, loading the compiled kernel, loading the cached corpus;
+  and the whole command with ``--trainer.max_steps 0`` (everything but training).
+- ``train``: training alone, through a ``Trainer`` in this process (``trainer.fit`` with validation off against
+  gensim's ``train``), with the settings of ``--config`` (``--set section.key=value`` overrides) and gensim's
+  matched: dimension, window, negatives per pair, subsampling, min_count, vocabulary cap, epochs, threads; its
+  learning rate stays its default (0.025, ``--gensim-alpha``). Also pairs/s against a memory roofline: each pair
+  reads and writes its two rows (center, context) and one row per negative (5 per pair), 4-byte floats, at the
+  copy bandwidth measured in the same run.
+
+On a shared machine the figures are noisy: compare the ratios taken in one run, and prefer ``--repeats``
+(seeds seed, seed+1, ...): the summaries give the median time ratio and the mean quality over seeds (one
+seed's SimLex-999 varies by about +-0.006, for gensim as for us). The load average is printed with each part.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +57,7 @@ from lm_tying.vectors import EVAL_FILES, default_eval_file  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
+    p.add_argument("--parts", default="whole,startup,train", help="comma-separated: whole, startup, train")
     p.add_argument("--config", default=str(ROOT / "configs" / "word2vec.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. model.lr=0.05 or data.batch_size=8192 (YAML value)")
@@ -171,16 +183,130 @@ def _raw_train_words(corpus: str, n: int) -> list[str]:
     return text.split()[:n]
 
 
-def main() -> None:
-    args = parse_args()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LitLogger.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("gensim").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, corpus {args.corpus}")
+def cli_overrides(overrides: list[str]) -> list[str]:
+    """``--set`` values as ``lm-tying fit`` flags (model.X -> --model.init_args.X)."""
+    flags = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        flags += [f"--{section}.init_args.{name}" if section == "model" else f"--{key}", value]
+    return flags
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def timed(command: list[str], cwd: Path, log: Path) -> float:
+    """Wall time of ``command`` as a user's shell would time it; its output goes to ``log``."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode}); its output: {log}")
+    return seconds
+
+
+def fit_command(args, seed: int, run_name: str, *extra: str) -> list[str]:
+    """The user's command; ``--overwrite true`` replaces the checkpoints of an earlier benchmark's run."""
+    return [sys.executable, "-m", "lm_tying.cli", "fit", "--config", str(Path(args.config).resolve()),
+            "--data.path", str(Path(args.corpus).resolve()), "--seed_everything", str(seed),
+            "--run_name", run_name, "--overwrite", "true", *cli_overrides(args.set), *extra]  # fmt: skip
+
+
+def run_whole(args, cfg) -> None:
+    """``lm-tying fit`` against gensim's whole process, per seed; quality of both."""
+    work = Path(args.data_dir) / "whole"
+    work.mkdir(parents=True, exist_ok=True)
+    split = (cfg["data"]["init_args"].get("split") or [0.9])[0]
+    epochs = args.epochs or cfg.get("trainer", {}).get("max_epochs", 5)
+    extra = ["--trainer.max_epochs", str(epochs)] if args.epochs else []
+    print(f"\n== whole process ({load_average()}) ==")
+    print(f"{'':10s} {'seed':>4s} {'wall s':>7s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
+    ours_runs, their_runs = [], []
+    for seed in range(args.seed, args.seed + args.repeats):
+        wall = timed(fit_command(args, seed, f"bench_{seed}", *extra), work, work / f"lm_tying_{seed}.log")
+        model = Word2Vec.load_from_checkpoint(work / "checkpoints" / f"bench_{seed}" / "last.ckpt", map_location="cpu")
+        rows = [dict(name="lm-tying", whole=wall, **evaluate(model.word_vectors()))]
+        ours_runs.append(rows[0])
+        if not args.no_gensim:
+            log = work / f"gensim_{seed}.log"
+            command = [sys.executable, str(ROOT / "benchmarks" / "word2vec_gensim.py"), "--corpus", args.corpus,
+                       "--seed", str(seed), "--train-fraction", str(split), "--epochs", str(epochs),
+                       "--workers", str(args.threads or os.cpu_count())]  # fmt: skip
+            wall = timed(command, work, log)
+            rows.append(dict(name="gensim", whole=wall, **json.loads(log.read_text().splitlines()[-1])))
+            their_runs.append(rows[1])
+        for r in rows:
+            phases = ", ".join(f"{k[:-2]} {r[k]:.1f} s" for k in ("import_s", "read_s", "train_s", "evaluate_s") if k in r)
+            print(f"{r['name']:10s} {seed:4d} {r['whole']:7.1f} {100 * r['analogy']:7.2f}% {r['wordsim353']:7.3f} "
+                  f"{r['simlex999']:7.3f}  {phases}")  # fmt: skip
+        if len(rows) == 2:
+            print(f"{'ratio':10s} {'':4s} {rows[0]['whole'] / rows[1]['whole']:7.2f}   ({load_average()})")
+    if their_runs:
+        summarise(ours_runs, their_runs, "whole")
+
+
+STARTUP_PHASES = {
+    "python": "pass",
+    "import torch": "import torch",
+    "import lightning": "import lightning.pytorch",
+    "import lm_tying.cli": "import lm_tying.cli",
+    "kernel load": "from lm_tying.models.word2vec import native; native.sequential_sgd()",
+}
+
+
+def run_startup(args, cfg) -> None:
+    """Each phase before the first step, timed inside a fresh process that first ran the phases before it
+    (median of 3); then the whole command without training."""
+    work = Path(args.data_dir) / "whole"
+    work.mkdir(parents=True, exist_ok=True)
+    data_args = {k: v for k, v in cfg["data"]["init_args"].items() if k not in ("path", "data_dir")}
+    phases = dict(STARTUP_PHASES)
+    phases["data (cached corpus)"] = (
+        "from lm_tying.data import Text8DataModule; "
+        f"dm = Text8DataModule(path={str(Path(args.corpus).resolve())!r}, data_dir='data', **{data_args!r}); "
+        "dm.prepare_data(); dm.setup('fit')"
+    )
+    print(f"\n== start-up ({load_average()}) ==")
+    before = ""
+    for name, statement in phases.items():
+        body = f"import time\n{before}t = time.perf_counter()\n{statement}\nprint(time.perf_counter() - t)"
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", body], cwd=work, capture_output=True, text=True, env=subprocess_env())
+            if out.returncode != 0:
+                raise SystemExit(f"start-up phase {name!r} failed: {out.stderr[-2000:]}")
+            runs.append((time.perf_counter() - t0, float(out.stdout.split()[-1])))
+        wall, own = sorted(runs)[1]
+        print(f"{name:24s} {wall if name == 'python' else own:6.2f} s")
+        before += statement + "\n"
+    wall = timed(fit_command(args, args.seed, "bench_no_training", "--trainer.max_steps", "0"), work, work / "no_training.log")
+    print(f"{'lm-tying fit, 0 steps':24s} {wall:6.2f} s   (the whole command without training; {load_average()})")
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large tensor copy (read + write), best of 5: the memory roofline's bandwidth."""
+    x = torch.ones(2**26)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+def run_train(args, cfg) -> None:
+    print(f"\n== training only ({load_average()}) ==")
     header = f"{'':10s} {'seed':>4s} {'vocab':>6s} {'prepare s':>9s} {'train s':>8s} {'words/s':>9s} {'pairs/s':>9s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}"
     runs: dict[str, list[dict]] = {"lm-tying": [], "gensim": []}
     for seed in range(args.seed, args.seed + args.repeats):
@@ -198,18 +324,47 @@ def main() -> None:
                 f"{r['pairs'] / r['train'] / 1e6:8.2f}M {100 * r['analogy']:7.2f}% {r['wordsim353']:7.3f} {r['simlex999']:7.3f}"
             )
         if theirs is not None:
-            print(f"{'ratio':10s} {'':4s} {'':6s} {'':9s} {ours['train'] / theirs['train']:8.2f}")
+            print(f"{'ratio':10s} {'':4s} {'':6s} {'':9s} {ours['train'] / theirs['train']:8.2f}   ({load_average()})")
     if runs["gensim"]:
-        summarise(runs["lm-tying"], runs["gensim"])
+        summarise(runs["lm-tying"], runs["gensim"], "train")
+    m = cfg["model"]["init_args"]
+    negatives = max(1, round(m.get("num_sampled", 5) * m.get("negative_weight", 1.0)))
+    bytes_per_pair = 2 * (2 + negatives) * m.get("embedding_dim", 128) * 4  # rows read and written, float32
+    bandwidth = copy_bandwidth()
+    pairs_per_s = float(np.median([r["pairs"] / r["train"] for r in runs["lm-tying"]]))
+    print(
+        f"memory roofline: {bandwidth / 1e9:.1f} GB/s copy bandwidth / {bytes_per_pair} bytes per pair = "
+        f"{bandwidth / bytes_per_pair / 1e6:.2f}M pairs/s; ours {pairs_per_s / 1e6:.2f}M pairs/s "
+        f"({100 * pairs_per_s * bytes_per_pair / bandwidth:.0f} % of it; {load_average()})"
+    )
 
 
-def summarise(ours: list[dict], theirs: list[dict]) -> None:
+def main() -> None:
+    args = parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # rows in order with the subprocesses' and Lightning's output
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LitLogger.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("gensim").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.set)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"whole", "startup", "train"}
+    if unknown:
+        raise SystemExit(f"--parts: unknown part(s) {', '.join(sorted(unknown))}; choose from whole, startup, train")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, corpus {args.corpus}, {load_average()}")
+    for part in parts:
+        {"whole": run_whole, "startup": run_startup, "train": run_train}[part](args, cfg)
+
+
+def summarise(ours: list[dict], theirs: list[dict], timing: str) -> None:
     """Median of the per-seed time ratios (each pair ran back to back) and the ratios of mean quality."""
     keys = ("analogy", "wordsim353", "simlex999")
     mean = {name: {k: float(np.mean([r[k] for r in rs])) for k in keys} for name, rs in (("ours", ours), ("gensim", theirs))}
-    time_ratio = float(np.median([a["train"] / b["train"] for a, b in zip(ours, theirs)]))
-    pairs_per_s = float(np.median([r["pairs"] / r["train"] for r in ours]))
-    print(f"\nover {len(ours)} seed(s): median train time ratio {time_ratio:.2f}, our median {pairs_per_s / 1e6:.2f}M pairs/s")
+    ratios = [a[timing] / b[timing] for a, b in zip(ours, theirs)]
+    print(f"\nover {len(ours)} seed(s): median {timing} time ratio {float(np.median(ratios)):.2f} "
+          f"(per seed {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
     print(f"{'mean':10s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
     for name in ("ours", "gensim"):
         m = mean[name]

@@ -29,6 +29,7 @@ from lm_tying.callbacks import (
     LastCheckpoint,
     RandomStateCheckpoint,
     RunMetadata,
+    ValidateLastEpoch,
 )
 from lm_tying.checkpoint import RUN_KEY, AtomicCheckpointIO, checkpoint_model_class_path, load_checkpoint_header
 from lm_tying.cli import EXTRA_COMMANDS, PROG, UsageError, resolve_ckpt_path, run_name_for, under_root
@@ -326,6 +327,7 @@ class LmTyingCLI(LightningCLI):
             RandomStateCheckpoint(),
             GracefulInterrupt(),
             FiniteGuard(),
+            ValidateLastEpoch(),
         ]
         if self.datamodule is not None:
             callbacks.append(DataHyperparameters())

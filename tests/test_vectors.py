@@ -169,6 +169,38 @@ def test_same_results_as_gensim(tmp_path):
     np.testing.assert_allclose([s for _, s in ours_ms], [s for _, s in g_ms], atol=1e-5)
 
 
+def test_analogies_match_gensim_question_by_question_across_batches_and_spellings(tmp_path):
+    """Each question gets gensim's verdict, whatever the batch size; where the nearest word is another
+    spelling of an input ("W3" for "w3", case-insensitive), gensim's next candidate is taken, as gensim does."""
+    words, vecs = random_vectors(n=200)
+    rng = np.random.default_rng(2)
+    twins = [f"W{i}" for i in range(40)]  # rarer (later) spellings of w0..w39, nearly the same vectors
+    twin_vecs = vecs[:40] + 0.01 * rng.standard_normal((40, vecs.shape[1])).astype(np.float32)
+    words, vecs = words + twins, np.concatenate([vecs, twin_vecs])
+    kv = KeyedVectors(vecs.shape[1])
+    kv.add_vectors(words, vecs)
+    lines, twin_first = [": twins"], 0
+    for a, b, c in rng.integers(0, 40, size=(120, 3)):
+        if len({a, b, c}) == 3:  # d: the nearest word to b - a + c that is not an input (gensim's answer or not)
+            top = [w for w, _ in kv.most_similar([f"w{b}", f"w{c}"], [f"w{a}"], topn=5)]
+            twin_first += top[0] in (f"W{a}", f"W{b}", f"W{c}")
+            d = rng.choice([f"w{rng.integers(200)}", next(w for w in top if w.lower() not in (f"w{a}", f"w{b}", f"w{c}"))])
+            lines.append(f"w{a} w{b} w{c} {d}")
+    assert twin_first > 10  # the nearest word is often another spelling of an input
+    lines.append(": others")
+    lines += [" ".join(f"w{i}" for i in rng.choice(200, size=4, replace=False)) for _ in range(100)]
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("\n".join(lines) + "\n")
+    g_acc, g_sections = kv.evaluate_word_analogies(str(qfile))
+    for batch_size in (1024, 7):
+        acc, sections = WordVectors(words, vecs).evaluate_word_analogies(qfile, batch_size=batch_size)
+        assert acc == pytest.approx(g_acc)
+        for ours, theirs in zip(sections, g_sections, strict=True):
+            assert ours["section"] == theirs["section"]
+            assert ours["correct"] == theirs["correct"] and ours["incorrect"] == theirs["incorrect"]
+    assert 0.2 < g_acc < 0.8  # both verdicts occur
+
+
 def test_default_files_from_gensim():
     words, vecs = random_vectors(n=50)
     wv = WordVectors(["the", "of", "and", "king", "queen", "man", "woman", "love", "sex", "tiger", "cat"] + words[11:], vecs)

@@ -145,6 +145,7 @@ def test_without_a_compiler_auto_uses_the_batched_engine_and_sequential_fails_cl
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # no completed build to import
     with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*Ninja is required"):
         assert native.sequential_sgd.__wrapped__() is None  # the uncached builder
     monkeypatch.setattr(native, "sequential_sgd", lambda: None)  # what a failed build returns
@@ -482,8 +483,7 @@ def test_a_stale_build_lock_is_removed_with_a_message():
     live build could hold with it, knows the file is stale, says which it is and removes it."""
     if native.sequential_sgd() is None:
         pytest.skip("no C++ compiler / ninja here: the kernel cannot be built")
-    suffix, _ = native._flags()
-    lock = native.build_directory(f"lm_tying_sequential_sgd_{suffix}") / "lock"
+    lock = native.build_directory(native.extension_name()) / "lock"
     lock.write_text("")
     with pytest.warns(UserWarning, match=f"removing {lock}: a stale build lock"):
         assert native.sequential_sgd.__wrapped__() is not None  # the uncached loader

@@ -9,6 +9,8 @@
   checkpoints (exact resume).
 - :class:`GracefulInterrupt` (``interrupt.py``): the first Ctrl-C stops like SIGTERM (finish the step, save, exit);
   the second aborts.
+- :class:`ValidateLastEpoch` (``validate_last_epoch.py``): with ``check_val_every_n_epoch`` > 1, the last epoch still
+  validates (the run's final metrics).
 - :class:`RunMetadata` (``run_metadata.py``): the run name, TensorBoard version, settings and corpus fingerprint in
   each checkpoint, so a resume logs into the same run and can be checked against the settings it continues with.
 - :class:`DataHyperparameters` (``data_hyperparameters.py``): the data's hyperparameters as ``data/*`` in the logger.
@@ -26,6 +28,7 @@ from lm_tying.callbacks.model_summary import CompactModelSummary
 from lm_tying.callbacks.projector import EmbeddingProjector
 from lm_tying.callbacks.random_state import RandomStateCheckpoint
 from lm_tying.callbacks.run_metadata import RunMetadata
+from lm_tying.callbacks.validate_last_epoch import ValidateLastEpoch
 
 __all__ = [
     "BestCheckpoint",
@@ -39,4 +42,5 @@ __all__ = [
     "RandomStateCheckpoint",
     "RunMetadata",
     "TrainingDivergedError",
+    "ValidateLastEpoch",
 ]
