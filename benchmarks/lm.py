@@ -18,8 +18,8 @@ For every seed the two programs run at the same time (``--all_at_once``: every s
 torch threads (``--threads``, default 1) and the same niceness, so that load from other work on the
 machine hits both alike; the load average is recorded before and after. Training tokens/s is the
 tokens of the epoch over its training wall time (evaluation excluded; data loading, logging and
-checkpoints included). ``--variants`` adds runs of the CLI with one setting changed each, to show
-where the CLI path spends its time. Results: one line per run, then the table (median and range over
+checkpoints included). ``--variants`` adds runs of the CLI with one setting changed each (``--variants
+bf16_mixed``: only that one), to show where the CLI path spends its time and what a setting gains. Results: one line per run, then the table (median and range over
 seeds), and ``--json``.
 """
 
@@ -63,16 +63,17 @@ EXAMPLE_ARGS = [
     "--trainer.max_epochs", "1",
 ]  # fmt: skip
 
-# One setting changed at a time (--variants): where does the CLI path spend its time?
+# One setting changed at a time (--variants NAME ...): where does the CLI path spend its time, what does it gain?
 VARIANTS: dict[str, list[str]] = {
-    "cli, num_workers 0": ["--data.num_workers", "0"],
-    "cli, no progress bar": ["--trainer.enable_progress_bar", "false"],
-    "cli, lean (workers 0, no bar, no samples, no checkpoints)": [
+    "num_workers_0": ["--data.num_workers", "0"],
+    "no_progress_bar": ["--trainer.enable_progress_bar", "false"],
+    "lean": [  # no data-loader worker, progress bar, samples or checkpoints
         "--data.num_workers", "0",
         "--trainer.enable_progress_bar", "false",
         "--model.init_args.sample_prompts", "null",
         "--trainer.enable_checkpointing", "false",
     ],
+    "bf16_mixed": ["--trainer.precision", "bf16-mixed"],  # bf16 matmuls and LSTM, float32 weights and loss
 }  # fmt: skip
 
 
@@ -190,10 +191,13 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="cut the epoch to this many steps (validated at its end)")
     parser.add_argument("--skip_validation", action="store_true", help="speed only: no validation perplexity")
     parser.add_argument("--all_at_once", action="store_true", help="run every seed at the same time")
-    parser.add_argument("--variants", action="store_true", help="also run the CLI with one setting changed each")
+    parser.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS), metavar="NAME",
+                        help=f"also run the CLI with these settings changed, one each ({', '.join(VARIANTS)}; "
+                             f"--variants alone: all)")  # fmt: skip
     parser.add_argument("--cli_args", nargs=argparse.REMAINDER, default=[], help="more CLI overrides (last)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = parser.parse_args()
+    args.variants = list(VARIANTS) if args.variants == [] else args.variants or []  # given alone: all
     args.corpus = str(Path(args.corpus).resolve())
     args.data_dir = str(Path(args.data_dir).resolve())
 
@@ -204,7 +208,7 @@ def main() -> None:
         root = Path(tmp)
         groups = [args.seeds] if args.all_at_once else [[seed] for seed in args.seeds]
         for seeds in groups:
-            programs = {"cli": []} | (VARIANTS if args.variants else {})
+            programs = {"cli": []} | {f"cli, {name}": VARIANTS[name] for name in args.variants}
             outputs, commands = {}, {}
             for seed in seeds:
                 outputs[seed, "example"] = root / f"example-{seed}.json"

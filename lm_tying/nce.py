@@ -521,12 +521,12 @@ def sampled_softmax_loss(
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean ``cross_entropy(inputs @ weight.T + bias, targets)`` whose backward is two matrix products.
 
-    The forward computes the logits a chunk of rows at a time and, while a chunk is in cache, turns it
-    into the gradient of the mean loss w.r.t. those logits, ``(softmax - onehot) / N``, written into one
-    ``[N, V]`` float32 buffer (the bias gradient is summed there too). The unfused path keeps the logits
-    and the log-softmax output for its backward and then makes three more ``N x V`` passes (NLL
-    backward, log-softmax backward, bias sum); here the backward only multiplies the buffer by the
-    weight and by the inputs.
+    The forward computes the logits ``chunk_rows`` rows at a time and turns each chunk, while it is in
+    cache, into the gradient of the mean loss w.r.t. those logits, ``(softmax - onehot) / N``, written into
+    one ``[N, V]`` buffer (float32 at least; the bias gradient is summed on the way). The unfused path keeps
+    the logits and the log-softmax output for its backward and then makes more ``N x V`` passes (the NLL's
+    gradient, the log-softmax's, the bias sum); here the backward only multiplies the buffer by the weight
+    and by the inputs, and scales the results by the incoming gradient.
     """
 
     @staticmethod
@@ -573,7 +573,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 32
+    inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 256
 ) -> Tensor:
     """``F.cross_entropy(F.linear(inputs, weight, bias), targets)`` (mean over rows), fused for training.
 
@@ -581,8 +581,8 @@ def linear_cross_entropy(
     the gradient w.r.t. the logits behind instead, so the backward is two matrix products (see
     ``_LinearCrossEntropy``). ``inputs`` ``[N, D]``, ``weight`` ``[V, D]`` (for a tied LM the embedding's
     Parameter: its gradient adds to the embedding's), ``targets`` ``[N]``. ``chunk_rows`` rows of logits
-    are formed at a time (small enough to stay in cache). Without autograd (evaluation) it is the plain
-    expression.
+    are formed at a time (fewer make the matrix products less efficient, more leave the cache). Without
+    autograd (evaluation) it is the plain expression.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
