@@ -2,6 +2,7 @@
 
     python benchmarks/lm.py --corpus ../shared/data/text8-head.zip --seeds 0 1 2            # one epoch each
     python benchmarks/lm.py --corpus ../shared/data/text8-head.zip --seeds 0 --max_steps 300 --variants
+    python benchmarks/lm.py --step_times 20                                                 # one step, in isolation
     python benchmarks/lm.py --help
 
 Both programs train the example's network and recipe on identical data: text8-head, vocabulary UNK +
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,9 +182,83 @@ def spread(values: list[float], digits: int = 1) -> str:
     return f"{med:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
+def step_times(steps: int) -> None:
+    """CPU time of one training step at one thread, without Lightning: the example's loop and the module's.
+
+    Random ids, the example's sizes; steps of the four programs interleaved, so load from other work hits
+    each alike, and timed in thread CPU time (what the step itself executed). The module's step is
+    ``features`` + the training loss + backward + clipping + SGD, as Lightning runs it.
+    """
+    import torch.nn.functional as F
+
+    from benchmarks.lm_example import RNNModel
+    from lm_tying.models.lstm_lm import LSTMLanguageModel
+    from lm_tying.nce import linear_cross_entropy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vocab, width, batch, bptt = 10_000, 200, 20, 35
+    inputs, targets = torch.randint(0, vocab, (batch, bptt)), torch.randint(0, vocab, (batch, bptt))
+    example_inputs, example_targets = inputs.t().contiguous(), targets.t().reshape(-1)  # its [T, B] layout
+    example = RNNModel(vocab, width, width, 2, 0.2, tie_weights=True)
+    example_hidden = example.init_hidden(batch)
+
+    def example_step() -> None:
+        nonlocal example_hidden
+        example_hidden = tuple(h.detach() for h in example_hidden)
+        example.zero_grad()
+        output, example_hidden = example(example_inputs, example_hidden)
+        F.nll_loss(output, example_targets).backward()
+        torch.nn.utils.clip_grad_norm_(example.parameters(), 0.25)
+        for p in example.parameters():
+            p.data.add_(p.grad, alpha=-1e-3)
+
+    def module_step(fused: bool, bf16: bool = False):
+        model = LSTMLanguageModel(vocab, width, width)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                features, hidden = model.features(inputs, model._initial_state(model._train_hidden, inputs))
+                model._train_hidden = model._detach(hidden)
+                if fused:
+                    flat = features.reshape(-1, width)
+                    loss = linear_cross_entropy(flat, model.decoder.weight, model.decoder.bias, targets.reshape(-1))
+                else:
+                    loss = model._loss(model.decoder(features), targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            optimizer.step()
+
+        return step
+
+    programs = {
+        "example's loop": example_step,
+        "module, unfused loss": module_step(fused=False),
+        "module, fused loss (loss: full)": module_step(fused=True),
+        "module, fused loss, bf16 autocast": module_step(fused=True, bf16=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for step in programs.values():
+        step()  # warm-up
+    for _ in range(steps):
+        for name, step in programs.items():
+            started = time.thread_time()
+            step()
+            times[name].append(time.thread_time() - started)
+    reference = statistics.median(times["example's loop"])
+    print(f"CPU time per step, one thread, median of {steps} (load average {os.getloadavg()[0]:.1f}):")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:36s} {median * 1e3:6.1f} ms   example's / this: {reference / median:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", required=True, help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
+    parser.add_argument("--corpus", help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
+    parser.add_argument("--step_times", type=int, default=None, metavar="STEPS",
+                        help="only time single training steps (no corpus, no Lightning) over this many steps")
     parser.add_argument("--data_dir", default=str(REPO / "data"), help="cache of the encoded corpus (shared by both)")
     parser.add_argument("--config", default="configs/lstm_lm.yaml", help="the CLI's config; sizes are overridden")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -198,6 +274,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = parser.parse_args()
     args.variants = list(VARIANTS) if args.variants == [] else args.variants or []  # given alone: all
+    if args.step_times:
+        return step_times(args.step_times)
+    if not args.corpus:
+        parser.error("--corpus is required (or --step_times STEPS)")
     args.corpus = str(Path(args.corpus).resolve())
     args.data_dir = str(Path(args.data_dir).resolve())
 
