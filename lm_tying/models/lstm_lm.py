@@ -386,11 +386,10 @@ class LSTMLanguageModel(WordEmbeddingModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False)
         self._accumulate_loss(loss.detach())
+        self._count_tokens(targets.numel())
         if self._is_log_step():
             self._log_progress()
-            self._log_throughput(targets.numel())
-        else:
-            self._count_tokens(targets.numel())
+            self._log_throughput()
         return loss
 
     def _accumulate_loss(self, loss: Tensor) -> None:
@@ -440,7 +439,7 @@ class LSTMLanguageModel(WordEmbeddingModule):
         else:
             self._tps_tokens += tokens
 
-    def _log_throughput(self, tokens: int) -> None:
+    def _log_throughput(self) -> None:
         """Learning rate and tokens/s (all ranks together), on logging steps.
 
         Both are host numbers logged as CPU tensors: Lightning keeps a logged tensor on its device, so
@@ -448,14 +447,12 @@ class LSTMLanguageModel(WordEmbeddingModule):
         logging step to the next, where Lightning waits for the device to write the step's scalars, so
         over the interval host time is device time. Validation time is excluded (the timer restarts).
         """
-        started = self._tps_start
-        self._count_tokens(tokens)
-        if started is None:
+        if not self._tps_tokens:
             return  # the clock only started: nothing timed yet
         now = time.perf_counter()
         world = self.trainer.world_size if self._trainer is not None else 1
-        if now > started:
-            self.log("train/tokens_per_sec", torch.tensor(self._tps_tokens * world / (now - started)), on_step=True, on_epoch=False)
+        tokens_per_sec = torch.tensor(self._tps_tokens * world / (now - self._tps_start))
+        self.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
         self.log("lr", torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"])), on_step=True, on_epoch=False)
         self._tps_start, self._tps_tokens = now, 0
 
