@@ -1,4 +1,5 @@
-"""Candidate samplers and the sampled losses: NCE and negative sampling (word2vec), sampled softmax (the LM).
+"""Candidate samplers and the sampled losses: NCE and negative sampling (word2vec), sampled softmax (the LM);
+and the LM's full softmax fused with its output layer for training (``linear_cross_entropy``).
 
 Everything here follows TensorFlow's ``tf.nn.nce_loss`` / ``tf.random.*_candidate_sampler`` semantics,
 written as plain tensor math so each step can be checked against the formulas:
