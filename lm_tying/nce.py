@@ -531,7 +531,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int
+    ) -> Tensor:
         n, vocab = inputs.shape[0], weight.shape[0]
         grad_logits = grad_bias = losses = None
         for start in range(0, n, chunk_rows):

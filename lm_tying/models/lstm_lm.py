@@ -453,7 +453,8 @@ class LSTMLanguageModel(WordEmbeddingModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         tokens_per_sec = torch.tensor(self._tps_tokens * world / (now - self._tps_start))
         self.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
-        self.log("lr", torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"])), on_step=True, on_epoch=False)
+        lr = torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"]))
+        self.log("lr", lr, on_step=True, on_epoch=False)
         self._tps_start, self._tps_tokens = now, 0
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: TokenNLL) -> None:
