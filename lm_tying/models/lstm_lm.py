@@ -390,6 +390,8 @@ class LSTMLanguageModel(WordEmbeddingModule):
         if self._is_log_step():
             self._log_progress()
             self._log_throughput()
+        elif self._trainer is not None and batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_progress()  # the epoch's last step: the bar's final value, also in runs shorter than the interval
         return loss
 
     def _accumulate_loss(self, loss: Tensor) -> None:
@@ -402,7 +404,8 @@ class LSTMLanguageModel(WordEmbeddingModule):
     def _log_progress(self) -> None:
         """The progress bar's ``loss`` and ``ppl``: the mean over the steps since the last read.
 
-        Read (one host copy) only on logging steps, where Lightning waits for the device anyway, and
+        Read (one host copy) only on logging steps, where Lightning waits for the device anyway, and at the
+        end of the epoch's training batches, and
         logged as a CPU tensor, so the progress bar's conversion to a number at every step never waits
         for the device.
         """
