@@ -522,8 +522,8 @@ def sampled_softmax_loss(
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean ``cross_entropy(inputs @ weight.T + bias, targets)`` whose backward is two matrix products.
 
-    The forward computes the logits ``chunk_rows`` rows at a time and turns each chunk, while it is in
-    cache, into the gradient of the mean loss w.r.t. those logits, ``(softmax - onehot) / N``, written into
+    The forward computes the logits ``chunk_rows`` rows at a time and turns each chunk, while it is
+    fresh, into the gradient of the mean loss w.r.t. those logits, ``(softmax - onehot) / N``, written into
     one ``[N, V]`` buffer (float32 at least; the bias gradient is summed on the way). The unfused path keeps
     the logits and the log-softmax output for its backward and then makes more ``N x V`` passes (the NLL's
     gradient, the log-softmax's, the bias sum); here the backward only multiplies the buffer by the weight
@@ -576,7 +576,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 256
+    inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 1024
 ) -> Tensor:
     """``F.cross_entropy(F.linear(inputs, weight, bias), targets)`` (mean over rows), fused for training.
 
@@ -584,8 +584,9 @@ def linear_cross_entropy(
     the gradient w.r.t. the logits behind instead, so the backward is two matrix products (see
     ``_LinearCrossEntropy``). ``inputs`` ``[N, D]``, ``weight`` ``[V, D]`` (for a tied LM the embedding's
     Parameter: its gradient adds to the embedding's), ``targets`` ``[N]``. ``chunk_rows`` rows of logits
-    are formed at a time (fewer make the matrix products less efficient, more leave the cache). Without
-    autograd (evaluation) it is the plain expression.
+    are formed at a time: chunks bound the temporary memory of large batches, but each one more makes the
+    matrix products less efficient (measured in the README's LM "Benchmark"), so the default keeps a usual
+    batch whole. Without autograd (evaluation) it is the plain expression.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
