@@ -2,6 +2,7 @@
 
     python benchmarks/lm.py --corpus ../shared/data/text8-head.zip --seeds 0 1 2            # one epoch each
     python benchmarks/lm.py --corpus ../shared/data/text8-head.zip --seeds 0 --max_steps 300 --variants
+    python benchmarks/lm.py --step_times 20                                                 # one step, in isolation
     python benchmarks/lm.py --help
 
 Both programs train the example's network and recipe on identical data: text8-head, vocabulary UNK +
@@ -18,8 +19,8 @@ For every seed the two programs run at the same time (``--all_at_once``: every s
 torch threads (``--threads``, default 1) and the same niceness, so that load from other work on the
 machine hits both alike; the load average is recorded before and after. Training tokens/s is the
 tokens of the epoch over its training wall time (evaluation excluded; data loading, logging and
-checkpoints included). ``--variants`` adds runs of the CLI with one setting changed each, to show
-where the CLI path spends its time. Results: one line per run, then the table (median and range over
+checkpoints included). ``--variants`` adds runs of the CLI with one setting changed each (``--variants
+bf16_mixed``: only that one), to show where the CLI path spends its time and what a setting gains. Results: one line per run, then the table (median and range over
 seeds), and ``--json``.
 """
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,16 +65,17 @@ EXAMPLE_ARGS = [
     "--trainer.max_epochs", "1",
 ]  # fmt: skip
 
-# One setting changed at a time (--variants): where does the CLI path spend its time?
+# One setting changed at a time (--variants NAME ...): where does the CLI path spend its time, what does it gain?
 VARIANTS: dict[str, list[str]] = {
-    "cli, num_workers 0": ["--data.num_workers", "0"],
-    "cli, no progress bar": ["--trainer.enable_progress_bar", "false"],
-    "cli, lean (workers 0, no bar, no samples, no checkpoints)": [
+    "num_workers_0": ["--data.num_workers", "0"],
+    "no_progress_bar": ["--trainer.enable_progress_bar", "false"],
+    "lean": [  # no data-loader worker, progress bar, samples or checkpoints
         "--data.num_workers", "0",
         "--trainer.enable_progress_bar", "false",
         "--model.init_args.sample_prompts", "null",
         "--trainer.enable_checkpointing", "false",
     ],
+    "bf16_mixed": ["--trainer.precision", "bf16-mixed"],  # bf16 matmuls and LSTM, float32 weights and loss
 }  # fmt: skip
 
 
@@ -179,9 +182,83 @@ def spread(values: list[float], digits: int = 1) -> str:
     return f"{med:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
+def step_times(steps: int) -> None:
+    """CPU time of one training step at one thread, without Lightning: the example's loop and the module's.
+
+    Random ids, the example's sizes; steps of the four programs interleaved, so load from other work hits
+    each alike, and timed in thread CPU time (what the step itself executed). The module's step is
+    ``features`` + the training loss + backward + clipping + SGD, as Lightning runs it.
+    """
+    import torch.nn.functional as F
+
+    from benchmarks.lm_example import RNNModel
+    from lm_tying.models.lstm_lm import LSTMLanguageModel
+    from lm_tying.nce import linear_cross_entropy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vocab, width, batch, bptt = 10_000, 200, 20, 35
+    inputs, targets = torch.randint(0, vocab, (batch, bptt)), torch.randint(0, vocab, (batch, bptt))
+    example_inputs, example_targets = inputs.t().contiguous(), targets.t().reshape(-1)  # its [T, B] layout
+    example = RNNModel(vocab, width, width, 2, 0.2, tie_weights=True)
+    example_hidden = example.init_hidden(batch)
+
+    def example_step() -> None:
+        nonlocal example_hidden
+        example_hidden = tuple(h.detach() for h in example_hidden)
+        example.zero_grad()
+        output, example_hidden = example(example_inputs, example_hidden)
+        F.nll_loss(output, example_targets).backward()
+        torch.nn.utils.clip_grad_norm_(example.parameters(), 0.25)
+        for p in example.parameters():
+            p.data.add_(p.grad, alpha=-1e-3)
+
+    def module_step(fused: bool, bf16: bool = False):
+        model = LSTMLanguageModel(vocab, width, width)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                features, hidden = model.features(inputs, model._initial_state(model._train_hidden, inputs))
+                model._train_hidden = model._detach(hidden)
+                if fused:
+                    flat = features.reshape(-1, width)
+                    loss = linear_cross_entropy(flat, model.decoder.weight, model.decoder.bias, targets.reshape(-1))
+                else:
+                    loss = model._loss(model.decoder(features), targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            optimizer.step()
+
+        return step
+
+    programs = {
+        "example's loop": example_step,
+        "module, unfused loss": module_step(fused=False),
+        "module, fused loss (loss: full)": module_step(fused=True),
+        "module, fused loss, bf16 autocast": module_step(fused=True, bf16=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for step in programs.values():
+        step()  # warm-up
+    for _ in range(steps):
+        for name, step in programs.items():
+            started = time.thread_time()
+            step()
+            times[name].append(time.thread_time() - started)
+    reference = statistics.median(times["example's loop"])
+    print(f"CPU time per step, one thread, median of {steps} (load average {os.getloadavg()[0]:.1f}):")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:36s} {median * 1e3:6.1f} ms   example's / this: {reference / median:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", required=True, help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
+    parser.add_argument("--corpus", help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
+    parser.add_argument("--step_times", type=int, default=None, metavar="STEPS",
+                        help="only time single training steps (no corpus, no Lightning) over this many steps")
     parser.add_argument("--data_dir", default=str(REPO / "data"), help="cache of the encoded corpus (shared by both)")
     parser.add_argument("--config", default="configs/lstm_lm.yaml", help="the CLI's config; sizes are overridden")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -190,10 +267,17 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="cut the epoch to this many steps (validated at its end)")
     parser.add_argument("--skip_validation", action="store_true", help="speed only: no validation perplexity")
     parser.add_argument("--all_at_once", action="store_true", help="run every seed at the same time")
-    parser.add_argument("--variants", action="store_true", help="also run the CLI with one setting changed each")
+    parser.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS), metavar="NAME",
+                        help=f"also run the CLI with these settings changed, one each ({', '.join(VARIANTS)}; "
+                             f"--variants alone: all)")  # fmt: skip
     parser.add_argument("--cli_args", nargs=argparse.REMAINDER, default=[], help="more CLI overrides (last)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = parser.parse_args()
+    args.variants = list(VARIANTS) if args.variants == [] else args.variants or []  # given alone: all
+    if args.step_times:
+        return step_times(args.step_times)
+    if not args.corpus:
+        parser.error("--corpus is required (or --step_times STEPS)")
     args.corpus = str(Path(args.corpus).resolve())
     args.data_dir = str(Path(args.data_dir).resolve())
 
@@ -204,7 +288,7 @@ def main() -> None:
         root = Path(tmp)
         groups = [args.seeds] if args.all_at_once else [[seed] for seed in args.seeds]
         for seeds in groups:
-            programs = {"cli": []} | (VARIANTS if args.variants else {})
+            programs = {"cli": []} | {f"cli, {name}": VARIANTS[name] for name in args.variants}
             outputs, commands = {}, {}
             for seed in seeds:
                 outputs[seed, "example"] = root / f"example-{seed}.json"

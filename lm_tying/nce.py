@@ -1,4 +1,5 @@
-"""Candidate samplers and the sampled losses: NCE and negative sampling (word2vec), sampled softmax (the LM).
+"""Candidate samplers and the sampled losses: NCE and negative sampling (word2vec), sampled softmax (the LM);
+and the LM's full softmax fused with its output layer for training (``linear_cross_entropy``).
 
 Everything here follows TensorFlow's ``tf.nn.nce_loss`` / ``tf.random.*_candidate_sampler`` semantics,
 written as plain tensor math so each step can be checked against the formulas:
@@ -45,6 +46,7 @@ __all__ = [
     "nce_loss",
     "negative_sampling_loss",
     "sampled_softmax_loss",
+    "linear_cross_entropy",
 ]
 
 
@@ -510,3 +512,84 @@ def sampled_softmax_loss(
     num_true = true_logits.shape[1]
     loss = -log_probs[:, :num_true].sum(1) / num_true  # targets 1/num_true on the true classes, 0 elsewhere
     return _reduce(loss, reduction)
+
+
+# ------------------------------------------------------------------------------------------------
+# full softmax, fused with the output layer
+# ------------------------------------------------------------------------------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean ``cross_entropy(inputs @ weight.T + bias, targets)`` whose backward is two matrix products.
+
+    The forward computes the logits ``chunk_rows`` rows at a time and turns each chunk, while it is
+    fresh, into the gradient of the mean loss w.r.t. those logits, ``(softmax - onehot) / N``, written into
+    one ``[N, V]`` buffer (float32 at least; the bias gradient is summed on the way). The unfused path keeps
+    the logits and the log-softmax output for its backward and then makes more ``N x V`` passes (the NLL's
+    gradient, the log-softmax's, the bias sum); here the backward only multiplies the buffer by the weight
+    and by the inputs, and scales the results by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int
+    ) -> Tensor:
+        n, vocab = inputs.shape[0], weight.shape[0]
+        grad_logits = grad_bias = losses = None
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n))
+            x, y = inputs[rows], targets[rows]
+            logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+            if grad_logits is None:
+                # the matmuls run in logits' dtype (autocast's, if on); the softmax in float32 at least
+                compute_dtype, dtype = logits.dtype, torch.promote_types(logits.dtype, torch.float32)
+                grad_logits = torch.empty(n, vocab, dtype=dtype, device=inputs.device)
+                losses = torch.empty(n, dtype=dtype, device=inputs.device)
+                grad_bias = torch.zeros(vocab, dtype=dtype, device=inputs.device) if bias is not None else None
+            log_probs = torch.log_softmax(logits.to(grad_logits.dtype), dim=1)
+            losses[rows] = -log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
+            probs = grad_logits[rows]
+            torch.exp(log_probs, out=probs)
+            probs[torch.arange(probs.shape[0], device=probs.device), y] -= 1.0
+            probs.mul_(1.0 / n)
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
+        ctx.save_for_backward(inputs, weight, grad_logits, grad_bias)
+        ctx.has_bias = bias is not None
+        ctx.compute_dtype = compute_dtype
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        inputs, weight, grad_logits, grad_bias = ctx.saved_tensors
+        g = grad_logits.to(ctx.compute_dtype)
+        grad_inputs = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_inputs = (g @ weight.to(ctx.compute_dtype)).mul_(grad_loss).to(inputs.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.t() @ inputs.to(ctx.compute_dtype)).mul_(grad_loss).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_bias.mul(grad_loss)
+        else:
+            grad_bias = None
+        return grad_inputs, grad_weight, grad_bias, None, None
+
+
+def linear_cross_entropy(
+    inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 1024
+) -> Tensor:
+    """``F.cross_entropy(F.linear(inputs, weight, bias), targets)`` (mean over rows), fused for training.
+
+    Same loss and gradients, but no ``[N, V]`` logits tensor is kept for the backward: the forward leaves
+    the gradient w.r.t. the logits behind instead, so the backward is two matrix products (see
+    ``_LinearCrossEntropy``). ``inputs`` ``[N, D]``, ``weight`` ``[V, D]`` (for a tied LM the embedding's
+    Parameter: its gradient adds to the embedding's), ``targets`` ``[N]``. ``chunk_rows`` rows of logits
+    are formed at a time: chunks bound the temporary memory of large batches, but each one more makes the
+    matrix products less efficient (measured in the README's LM "Benchmark"), so the default keeps a usual
+    batch whole. Without autograd (evaluation) it is the plain expression.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad)):
+        return F.cross_entropy(F.linear(inputs, weight, bias).float(), targets)
+    return _LinearCrossEntropy.apply(inputs, weight, bias, targets, chunk_rows)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lm_tying.models.base import WordEmbeddingModule
-from lm_tying.nce import UnigramSampler, make_sampler, sampled_softmax_loss
+from lm_tying.nce import UnigramSampler, linear_cross_entropy, make_sampler, sampled_softmax_loss
 
 Hidden = tuple[Tensor, Tensor]  # (h, c), each [num_layers, B, H]
 
@@ -187,6 +187,11 @@ class LSTMLanguageModel(WordEmbeddingModule):
         self._sample_generator_state: Tensor | None = None  # restored state, applied at the next draw
         self._tps_tokens = 0
         self._tps_start: float | None = None
+        # Training loss summed on the device (no host sync per step) since the last progress-bar read
+        # and over the epoch, and the steps summed.
+        self._interval_loss: Tensor | None = None
+        self._epoch_loss: Tensor | None = None
+        self._interval_steps = self._epoch_steps = 0
         self.embedding_init_coverage: float | None = None
 
     # ------------------------------------------------------------------ the network
@@ -316,6 +321,8 @@ class LSTMLanguageModel(WordEmbeddingModule):
         # state survives exactly in the one case it must.
         self._train_hidden = None
         self._tps_start = None
+        self._interval_loss = self._epoch_loss = None
+        self._interval_steps = self._epoch_steps = 0
 
     def on_validation_epoch_start(self) -> None:
         self._eval_hidden = None
@@ -371,13 +378,55 @@ class LSTMLanguageModel(WordEmbeddingModule):
         if self.hparams.loss == "sampled":
             loss = self._sampled_loss(features, targets)
         else:
-            loss = self._loss(self.decoder(features), targets)
+            # the fused output layer + cross-entropy (same loss and gradients as self._loss(self.decoder(...)))
+            flat = features.reshape(-1, features.size(-1))
+            loss = linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
         # Tensors only: Lightning converts them to numbers when it writes to the logger, so nothing
-        # here waits for the device. (Nothing goes to the progress bar: that converts every step.)
+        # here waits for the device.
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False)
-        self._log_throughput(targets.numel())
+        self._accumulate_loss(loss.detach())
+        self._count_tokens(targets.numel())
+        if self._is_log_step():
+            self._log_progress()
+            self._log_throughput()
+        elif self._trainer is not None and batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_progress()  # the epoch's last step: the bar's final value, also in runs shorter than the interval
         return loss
+
+    def _accumulate_loss(self, loss: Tensor) -> None:
+        loss = loss.float()
+        self._interval_loss = loss if self._interval_loss is None else self._interval_loss + loss
+        self._epoch_loss = loss if self._epoch_loss is None else self._epoch_loss + loss
+        self._interval_steps += 1
+        self._epoch_steps += 1
+
+    def _log_progress(self) -> None:
+        """The progress bar's ``loss`` and ``ppl``: the mean over the steps since the last read.
+
+        Read (one host copy) only on logging steps, where Lightning waits for the device anyway, and at the
+        end of the epoch's training batches, and
+        logged as a CPU tensor, so the progress bar's conversion to a number at every step never waits
+        for the device.
+        """
+        if self._interval_loss is None:
+            return
+        mean = self._interval_loss.cpu() / self._interval_steps
+        self._interval_loss, self._interval_steps = None, 0
+        self.log("loss", mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.log("ppl", mean.exp(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        """``train/loss_epoch`` and ``train/ppl_epoch``, the mean over the epoch's steps (on every rank).
+
+        Written at the end of every epoch whatever ``log_every_n_steps`` is, so a run shorter than the
+        logging interval still leaves training scalars.
+        """
+        if self._epoch_loss is None:
+            return
+        mean = self._epoch_loss / self._epoch_steps
+        self.log("train/loss_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/ppl_epoch", mean.exp(), on_step=False, on_epoch=True, sync_dist=True)
 
     def _is_log_step(self) -> bool:
         """True on the steps where Lightning writes step metrics to the logger (log_every_n_steps)."""
@@ -386,25 +435,29 @@ class LSTMLanguageModel(WordEmbeddingModule):
         connector = getattr(self.trainer, "_logger_connector", None)
         return bool(connector.should_update_logs) if connector is not None else True
 
-    def _log_throughput(self, tokens: int) -> None:
-        """Learning rate and tokens/s (all ranks together), logged only on logging steps.
-
-        Logging a Python number makes Lightning copy it to the device, which waits for the device; on
-        logging steps Lightning synchronizes anyway, so the interval runs between two synchronizations
-        and its time is real device time, not queueing. Validation time is excluded (the timer restarts).
-        """
-        now = time.perf_counter()
+    def _count_tokens(self, tokens: int) -> None:
+        """Tokens trained since the last logging step; the first step after a restart only starts the clock."""
         if self._tps_start is None:
-            self._tps_start, self._tps_tokens = now, 0
-            return  # the first step of an interval only starts the clock (its own work is not timed)
-        self._tps_tokens += tokens
-        if not self._is_log_step():
-            return
+            self._tps_start, self._tps_tokens = time.perf_counter(), 0
+        else:
+            self._tps_tokens += tokens
+
+    def _log_throughput(self) -> None:
+        """Learning rate and tokens/s (all ranks together), on logging steps.
+
+        Both are host numbers logged as CPU tensors: Lightning keeps a logged tensor on its device, so
+        neither is copied to the accelerator (a copy that would wait for it). The interval runs from one
+        logging step to the next, where Lightning waits for the device to write the step's scalars, so
+        over the interval host time is device time. Validation time is excluded (the timer restarts).
+        """
+        if not self._tps_tokens:
+            return  # the clock only started: nothing timed yet
+        now = time.perf_counter()
         world = self.trainer.world_size if self._trainer is not None else 1
-        elapsed = now - self._tps_start
-        if elapsed > 0:
-            self.log("train/tokens_per_sec", self._tps_tokens * world / elapsed, on_step=True, on_epoch=False)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        tokens_per_sec = torch.tensor(self._tps_tokens * world / (now - self._tps_start))
+        self.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
+        lr = torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"]))
+        self.log("lr", lr, on_step=True, on_epoch=False)
         self._tps_start, self._tps_tokens = now, 0
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: TokenNLL) -> None:
