@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lm_tying import _lightning
 from lm_tying.models.base import WordEmbeddingModule
 from lm_tying.nce import UnigramSampler, linear_cross_entropy, make_sampler, sampled_softmax_loss
 
@@ -432,8 +433,7 @@ class LSTMLanguageModel(WordEmbeddingModule):
         """True on the steps where Lightning writes step metrics to the logger (log_every_n_steps)."""
         if self._trainer is None:
             return False
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(connector.should_update_logs) if connector is not None else True
+        return _lightning.is_logging_step(self.trainer)
 
     def _count_tokens(self, tokens: int) -> None:
         """Tokens trained since the last logging step; the first step after a restart only starts the clock."""
