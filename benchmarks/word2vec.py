@@ -238,7 +238,7 @@ def run_whole(args, cfg) -> None:
         ours_runs.append(rows[0])
         if not args.no_gensim:
             log = work / f"gensim_{seed}.log"
-            command = [sys.executable, str(ROOT / "benchmarks" / "word2vec_gensim.py"), "--corpus", args.corpus,
+            command = [sys.executable, str(ROOT / "benchmarks" / "word2vec_gensim.py"), "--corpus", str(Path(args.corpus).resolve()),
                        "--seed", str(seed), "--train-fraction", str(split), "--epochs", str(epochs),
                        "--workers", str(args.threads or os.cpu_count())]  # fmt: skip
             wall = timed(command, work, log)
