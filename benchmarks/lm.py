@@ -191,7 +191,7 @@ def step_times(steps: int) -> None:
     """
     import torch.nn.functional as F
 
-    from benchmarks.lm_example import RNNModel
+    from lm_example import RNNModel  # the sibling script (python puts benchmarks/ on sys.path)
     from lm_tying.models.lstm_lm import LSTMLanguageModel
     from lm_tying.nce import linear_cross_entropy
 
