@@ -86,3 +86,15 @@ def test_validation_perplexity_is_the_examples_evaluate(make_corpus, tmp_path):
 
     val = example.batchify(torch.from_numpy(data.split_tokens("val").astype(np.int64)), Args.eval_batch_size)
     assert result["val/loss"] == pytest.approx(example.evaluate(theirs, val, Args), rel=1e-5)
+
+
+def test_step_times_runs_as_a_user_runs_the_script():
+    """``python benchmarks/lm.py --step_times N`` times the example's step against the module's (it imports its sibling
+    script the way a script run finds it, not as a package)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks/lm.py"
+    out = subprocess.run([sys.executable, str(script), "--step_times", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "example's loop" in out.stdout and "fused loss (loss: full)" in out.stdout
