@@ -29,24 +29,42 @@ def env() -> dict[str, str]:
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONWARNINGS"] = "ignore"
+    e["PYTHONFAULTHANDLER"] = "1"  # Python stacks on SIGABRT: what run_cli shows of a command that hangs
     e.pop("LM_TYING_DEBUG", None)
     return e
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m lm_tying.cli ARGS`` in ``cwd``; fails the test with the output when ``check`` and rc != 0."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_tying.cli", *args],
-        cwd=cwd,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python -m lm_tying.cli ARGS`` in ``cwd``; fails the test with the output when ``check`` and rc != 0.
+
+    The command runs in its own process group. If it outlives ``timeout`` (a hang, e.g. of DDP ranks), every process
+    of the group (DDP ranks, loader workers) is sent SIGABRT, which makes each print its Python stacks
+    (``PYTHONFAULTHANDLER``), then killed; the test fails with those stacks, and no orphan is left to disturb the tests
+    after it."""
+    proc = popen_cli(args, cwd, new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        raise AssertionError(
+            f"lm-tying {' '.join(args)} still running after {timeout:.0f} s; stacks at SIGABRT:\n{stdout[-3000:]}\n"
+            f"{stderr[-12000:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     if check and proc.returncode != 0:
-        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        output = f"{stdout[-3000:]}\n{stderr[-6000:]}"
         raise AssertionError(f"lm-tying {' '.join(args)} -> {proc.returncode}\n{output}")
-    return proc
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def popen_cli(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
