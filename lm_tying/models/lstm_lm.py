@@ -406,9 +406,8 @@ class LSTMLanguageModel(WordEmbeddingModule):
         """The progress bar's ``loss`` and ``ppl``: the mean over the steps since the last read.
 
         Read (one host copy) only on logging steps, where Lightning waits for the device anyway, and at the
-        end of the epoch's training batches, and
-        logged as a CPU tensor, so the progress bar's conversion to a number at every step never waits
-        for the device.
+        end of the epoch's training batches, and logged as a CPU tensor, so the progress bar's conversion to a
+        number at every step never waits for the device.
         """
         if self._interval_loss is None:
             return
