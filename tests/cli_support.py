@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        processes = subprocess.run(
+            ["ps", "-s", str(proc.pid), "-o", "pid,ppid,stat,wchan:28,etime,args"], capture_output=True, text=True
+        ).stdout
         os.killpg(proc.pid, signal.SIGABRT)
         try:
             stdout, stderr = proc.communicate(timeout=30)
@@ -55,8 +59,8 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True
                 pass
             proc.wait()
         raise AssertionError(
-            f"lm-tying {' '.join(args)} still running after {timeout:.0f} s; stacks at SIGABRT:\n{stdout[-3000:]}\n"
-            f"{stderr[-12000:]}"
+            f"lm-tying {' '.join(args)} still running after {timeout:.0f} s; its processes:\n{processes}\n"
+            f"their stacks at SIGABRT:\n{_without_module_lists(stderr)[-12000:]}\nstdout:\n{stdout[-2000:]}"
         ) from None
     finally:
         if proc.poll() is None:
@@ -65,6 +69,12 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, check: bool = True
         output = f"{stdout[-3000:]}\n{stderr[-6000:]}"
         raise AssertionError(f"lm-tying {' '.join(args)} -> {proc.returncode}\n{output}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _without_module_lists(text: str) -> str:
+    """faulthandler's dump without the "Extension modules: ..." list it prints after each process's stacks."""
+    listing = re.compile(r"(Extension modules:.*|[\w., ]*, [\w., ]*(\(total: \d+\))?)")
+    return "\n".join(line for line in text.splitlines() if not listing.fullmatch(line.strip()))
 
 
 def popen_cli(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -11,6 +17,8 @@ import torch
 
 from lm_tying.data import LanguageModelStream, ResumableLoader, SkipGramStream, Text8DataModule
 from lm_tying.data.streams import keep_probabilities, skipgram_pairs
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _key(batch) -> tuple:
@@ -237,3 +245,64 @@ def test_drop_unk_removes_out_of_vocabulary_tokens_before_windowing(tmp_path, ma
     assert not (centers == 0).any() and not (contexts == 0).any()
     # the windows close over the removed words: "a b a b a b a b a b" gives 2 * 9 neighbour pairs
     assert len(centers) == 18 and set(zip(centers.tolist(), contexts.tolist())) == {(1, 2), (2, 1)}
+
+
+# ---------------------------------------------------------------------- worker processes of unfinished iterations
+UNFINISHED_AT_EXIT = """
+import numpy as np
+from lm_tying.data import LanguageModelStream, ResumableLoader
+loader = ResumableLoader(LanguageModelStream(np.arange(5000, dtype=np.int32) % 50, 4, 10), num_workers=1)
+batches = iter(loader)
+next(batches)
+cycle = {"batches": batches}
+cycle["cycle"] = cycle  # as a run's objects often are: freed only by the garbage collector, maybe never
+print("exiting", flush=True)
+"""
+
+
+def test_an_unfinished_iteration_does_not_keep_the_process_from_exiting(tmp_path):
+    # Its worker ignores SIGTERM (SIGTERM is the main process's to handle), which is how multiprocessing stops the
+    # workers left at exit: the process then waited forever for the worker (a hang seen in CI under DDP).
+    script = tmp_path / "unfinished.py"
+    script.write_text(UNFINISHED_AT_EXIT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-3000:]
+
+
+def test_datamodule_teardown_stops_the_workers_of_loaders_left_mid_epoch(tmp_path, make_corpus):
+    data = Text8DataModule(
+        path=str(make_corpus()), data_dir=str(tmp_path / "d"), vocab_size=60, mode="lm", batch_size=2, bptt=5,
+        num_workers=1,
+    )  # fmt: skip
+    data.setup("fit")
+    train, val = iter(data.train_dataloader()), iter(data.val_dataloader())
+    try:
+        next(train), next(val)
+        assert len(multiprocessing.active_children()) == 2
+        data.teardown("fit")
+        assert multiprocessing.active_children() == []
+        with pytest.raises(StopIteration):
+            next(train)  # closed: a later next() cannot restart it on stopped workers
+    finally:
+        train.close(), val.close()  # whatever failed above, no worker outlives the test
+
+
+class _StallingStream(LanguageModelStream):
+    """Serves one batch, then stalls: its worker never reads torch's request to stop."""
+
+    def __iter__(self):
+        yield next(super().__iter__())
+        time.sleep(3600)
+
+
+def test_close_stops_a_worker_that_does_not_answer_torchs_shutdown():
+    loader = ResumableLoader(_StallingStream(np.arange(5000, dtype=np.int32) % 50, 4, 10), num_workers=1)
+    batches = iter(loader)
+    try:
+        next(batches)
+        loader.close()  # torch asks, waits 5 s, sends SIGTERM (ignored by the worker), then the worker is killed
+        assert multiprocessing.active_children() == []
+    finally:
+        for child in multiprocessing.active_children():
+            child.kill()  # whatever failed above, pytest must not wait an hour for it at exit

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import weakref
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -117,6 +118,7 @@ class Text8DataModule(L.LightningDataModule):
         self._vocab: Vocabulary | None = None
         self._tokens: np.ndarray | None = None
         self._corpus_fingerprint: str | None = None
+        self._loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
 
     # ----------------------------------------------------------------- corpus and vocabulary
     def prepare_data(self) -> None:
@@ -284,12 +286,19 @@ class Text8DataModule(L.LightningDataModule):
         stream = self._stream(stage)
         training = stage == "train" and self.trainer is not None
         workers = self.num_workers if self.mode == "skipgram" else min(self.num_workers, 1)
-        return ResumableLoader(
+        loader = ResumableLoader(
             stream,
             position=self._trainer_position if training else None,
             num_workers=workers,
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
         )
+        self._loaders.add(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop the worker processes of loaders left mid-epoch (a run ending at ``max_steps``, a limited validation)."""
+        for loader in list(self._loaders):
+            loader.close()
 
     def train_dataloader(self) -> ResumableLoader:
         return self._loader("train")

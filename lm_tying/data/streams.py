@@ -9,15 +9,18 @@ position inside it to the checkpoint, so a resumed run sees exactly the batches 
 
 from __future__ import annotations
 
+import atexit
 import math
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 
 def keep_probabilities(counts: np.ndarray, threshold: float) -> np.ndarray:
@@ -284,6 +287,34 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+#: Every loader alive, closed at interpreter exit: registered after torch's and multiprocessing's exit handlers,
+#: this runs before them (atexit is last in, first out), while torch can still stop the workers of an unfinished
+#: iteration; otherwise multiprocessing would wait forever on a worker that ignores its SIGTERM.
+_LOADERS: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loaders() -> None:
+    for loader in list(_LOADERS):
+        loader.close()
+
+
+def _stop_workers(batches: Iterator) -> None:
+    """Stop the worker processes of a loader iteration now, whatever state they are in.
+
+    torch's own shutdown runs when the iteration is garbage-collected, but does nothing once the interpreter exits:
+    it then relies on terminating the workers with SIGTERM, which they ignore (:func:`ignore_stop_signals`), and
+    multiprocessing would wait for them forever. A worker that outlives torch's shutdown (its SIGTERM ignored, e.g.
+    a stalled exit on a loaded machine) is killed. (torch private members: a torch upgrade that renames them fails
+    ``tests/test_data_streams.py``'s worker tests.)"""
+    if isinstance(batches, _MultiProcessingDataLoaderIter):
+        batches._shutdown_workers()
+        for worker in batches._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+
 @contextmanager
 def _stop_signals_blocked(active: bool) -> Iterator[None]:
     """Hold SIGTERM/SIGINT back (not lost: delivered on leaving) while worker processes are forked, so that each
@@ -314,11 +345,23 @@ class ResumableLoader(DataLoader):
         self._epoch = 0
         self._resume: tuple[int, int] | None = None
         self._handed_out = 0
+        self._open: weakref.WeakSet[Iterator] = weakref.WeakSet()  # iterations not finished or closed
+        _LOADERS.add(self)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
+        batches = self._batches()
+        self._open.add(batches)
+        return batches
+
+    def close(self) -> None:
+        """Stop the worker processes of every iteration still open (one left unfinished, e.g. at ``max_steps``)."""
+        for batches in list(self._open):
+            batches.close()
+
+    def _batches(self) -> Iterator:
         epoch = self._position()[0] if self._position else self._epoch
         start = 0
         if self._resume is not None and self._resume[0] == epoch:
@@ -328,9 +371,12 @@ class ResumableLoader(DataLoader):
         self._epoch, self._handed_out = epoch, start
         with _stop_signals_blocked(self.num_workers > 0):
             batches = super().__iter__()  # starts the worker processes
-        for batch in batches:
-            self._handed_out += 1
-            yield batch
+        try:
+            for batch in batches:
+                self._handed_out += 1
+                yield batch
+        finally:
+            _stop_workers(batches)
 
     def state_dict(self) -> dict[str, int]:
         epoch, done = self._position() if self._position else (self._epoch, self._handed_out)
