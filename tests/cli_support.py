@@ -208,7 +208,7 @@ class SignalGroupAtStep(Callback):
     """After training step ``step`` (rank 0), has ``kill -SIG -- -PGID`` signal the whole process group (main process,
     data-loader workers, DDP ranks) from outside it, as a scheduler or a terminal's Ctrl-C do. From outside matters:
     torch's workers exit quietly on a SIGTERM sent by their parent, but die of one sent by anyone else. Run the CLI
-    in its own session (``popen_cli(..., new_session=True)``)."""
+    in its own session (``run_cli`` does)."""
 
     def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
         self.step, self.signum = step, signum

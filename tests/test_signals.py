@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from cli_support import assert_same_state, callbacks_arg, load_ckpt, popen_cli, run_cli, write_config, write_corpus
+from cli_support import assert_same_state, callbacks_arg, load_ckpt, run_cli, write_config, write_corpus
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 STEP = 6  # the signal comes after this step: not a multiple of the tiny configs' 4-step interval
@@ -37,12 +37,9 @@ def test_signal_to_the_process_group_saves_and_resumes_exactly(tmp_path, model, 
 
     root = tmp_path / "stopped"
     stop = callbacks_arg(("SignalGroupAtStep", {"step": STEP, "signum": int(signum)}))
-    proc = popen_cli(["fit", "--config", "run.yaml", *settings, *stop], root, new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signum, stderr[-4000:]
+    stopped = run_cli(["fit", "--config", "run.yaml", *settings, *stop], cwd=root, timeout=300, check=False)
+    stderr = stopped.stderr
+    assert stopped.returncode == 128 + signum, stderr[-4000:]
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-4000:]
     last = root / "checkpoints/run/last.ckpt"
     assert load_ckpt(last)["global_step"] == STEP  # saved by the signal path, at the step the signal came in
