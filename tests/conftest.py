@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# torch.compile's on-disk cache does not tell apart code compiled under another ATEN_CPU_CAPABILITY (as when the suite
+# is run with ATEN_CPU_CAPABILITY=avx2 to check an AVX2-only CPU's path): reusing it gave garbage gradients and aborts.
+# One cache per capability keeps such runs apart; the command's processes inherit it.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(tempfile.gettempdir()) / f"lm_tying_tests_inductor_{torch.backends.cpu.get_cpu_capability().lower()}"),
+)
 
 
 def write_corpus(path: Path, text: str, as_zip: bool = False, member: str = "text8") -> Path:
