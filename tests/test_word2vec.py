@@ -91,7 +91,7 @@ def test_update_pairs_are_successive_sgd_steps():
 def sequential_reference(E, W, center, context, negatives, lr, neg_weight, remove_hits):
     """word2vec C's per-pair SGD in plain Python (float64), the specification of csrc/sequential_sgd.cpp."""
     E, W = E.double().clone(), W.double().clone()
-    groups, G, loss = negatives.shape[0], -(-len(center) // negatives.shape[0]), 0.0
+    G, loss = -(-len(center) // negatives.shape[0]), 0.0  # pairs per group of shared negatives
     for p, (c, t) in enumerate(zip(center.tolist(), context.tolist())):
         x = E[c].clone()
         s = float(x @ W[t])
