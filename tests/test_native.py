@@ -1,11 +1,14 @@
-"""The kernel loader: builds once per kernel source, imports a completed build directly afterwards."""
+"""The kernel loader (builds once per kernel source, loads a cached build directly) and the kernel's threads."""
 
 from __future__ import annotations
 
-import types
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
-import torch.utils.cpp_extension
+import torch
 
 from lm_tying.models.word2vec import native
 
@@ -19,17 +22,14 @@ def messages(monkeypatch):
 
 
 @pytest.fixture
-def fake_builder(tmp_path, monkeypatch):
-    """An empty extensions cache and a stand-in for torch's builder that records its calls (no compiler run)."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    calls: list[dict] = []
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_TYING_KERNEL_CACHE", str(tmp_path / "kernels"))
+    return tmp_path / "kernels"
 
-    def load(**kwargs):
-        calls.append(kwargs)
-        return types.SimpleNamespace(sequential_sgd="the built kernel")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
-    return calls
+def needs_compiler():
+    if native.sequential_sgd() is None:
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
 
 
 def test_the_name_follows_the_source_not_where_it_lies(tmp_path, monkeypatch):
@@ -45,47 +45,83 @@ def test_the_name_follows_the_source_not_where_it_lies(tmp_path, monkeypatch):
     assert native.extension_name() != name
 
 
-def test_without_a_completed_build_it_builds_says_so_and_marks_it_done(fake_builder, messages):
-    module = native.sequential_sgd.__wrapped__()
-    assert module.sequential_sgd == "the built kernel"
-    build_dir = native.build_directory(native.extension_name())
-    assert len(fake_builder) == 1 and fake_builder[0]["build_directory"] == str(build_dir)
-    assert fake_builder[0]["sources"] == [str(native.SOURCE)]
-    assert (build_dir / native.BUILT).exists()
+def test_without_a_build_it_builds_once_says_so_and_loads_the_cache_afterwards(empty_cache, messages, monkeypatch):
+    needs_compiler()
+    kernel = native.sequential_sgd.__wrapped__()
+    assert kernel is not None and kernel.path == empty_cache / f"{native.extension_name()}.so"
     assert "building the compiled per-pair kernel" in messages[0] and "kernel built in" in messages[1]
-
-
-def test_a_failed_build_is_not_marked_done_and_warns(fake_builder, monkeypatch):
-    def no_compiler(**kwargs):
-        fake_builder.append(kwargs)
-        raise RuntimeError("Error building extension")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    for attempt in (1, 2):  # nothing marked done: the next run tries again
-        with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*Error building extension"):
-            assert native.sequential_sgd.__wrapped__() is None
-        assert len(fake_builder) == attempt
-    assert not (native.build_directory(native.extension_name()) / native.BUILT).exists()
-
-
-def test_a_stale_torch_lock_is_removed_before_building(fake_builder):
-    lock = native.build_directory(native.extension_name()) / "lock"
-    lock.write_text("")
-    with pytest.warns(UserWarning, match=f"removing {lock}: a stale build lock"):
-        assert native.sequential_sgd.__wrapped__() is not None
-    assert not lock.exists() and len(fake_builder) == 1
-
-
-def test_a_completed_build_is_imported_without_torchs_builder(monkeypatch, messages):
-    """No ninja run, no lock file of torch's, no message: the library a completed build left is imported."""
-    if native.sequential_sgd() is None:  # builds here only if no other test or setup step did
-        pytest.skip("no C++ compiler / ninja here: the kernel cannot be built")
+    assert sorted(p.suffix for p in empty_cache.iterdir()) == [".lock", ".so"]  # no partial file left
     messages.clear()
+    monkeypatch.setattr(native, "_build", lambda library: pytest.fail("built again although a build is cached"))
+    assert native.sequential_sgd.__wrapped__() is not None and messages == []
 
-    def builder_called(**kwargs):
-        raise AssertionError("torch's builder ran although a completed build is cached")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", builder_called)
-    module = native.sequential_sgd.__wrapped__()
-    assert module is not None and callable(module.sequential_sgd)
-    assert messages == []
+def test_a_failed_build_leaves_nothing_and_warns_with_the_compilers_words(empty_cache, tmp_path, monkeypatch):
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\necho 'fatal error: no such header' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    for _ in (1, 2):  # nothing cached: the next run tries again
+        with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*no such header"):
+            assert native.sequential_sgd.__wrapped__() is None
+        assert not list(empty_cache.glob("*.so")) and not list(empty_cache.glob("*.partial"))
+
+
+def test_no_compiler_warns_and_names_what_to_install(empty_cache, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler 'no-such-compiler-here'.*install a C\\+\\+ compiler"):
+        assert native.sequential_sgd.__wrapped__() is None
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter; a deadlock fails by timeout instead of hanging the suite."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+
+
+def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
+    """The threads kept between calls: calls on 1-4 threads in any order finish (a worker that missed its call
+    would leave the caller waiting) with the 1-thread result up to the order of the pairs (lock-free threads),
+    and a forked child, which has none of its parent's threads, gets threads of its own."""
+    needs_compiler()
+    done = run_python("""
+        import os, torch
+        from lm_tying.models.word2vec import native
+        kernel = native.sequential_sgd()
+        def train(threads):
+            g = torch.Generator().manual_seed(0)
+            E, W = torch.randn(500, 16, generator=g) * 0.1, torch.zeros(500, 16)
+            center, context = torch.randint(0, 500, (2, 20000), generator=g)
+            negatives = torch.randint(0, 500, (5000, 3), generator=g)
+            loss = kernel.sequential_sgd(E, W, center, context, negatives, 0.05, 1.0, False, threads=threads)
+            return float(loss), float(W.abs().sum())
+        one = train(1)
+        for threads in (2, 4, 1, 3, 2, 2):
+            loss, size = train(threads)
+            assert abs(loss - one[0]) < 0.02 * one[0] and abs(size - one[1]) < 0.02 * one[1], (threads, loss, size, one)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if train(2)[1] > 0 else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_kernel_checks_its_inputs():
+    needs_compiler()
+    kernel = native.sequential_sgd()
+    E, W = torch.zeros(10, 4), torch.zeros(10, 4)
+    ids, negatives = torch.arange(6), torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="float32"):
+        kernel.sequential_sgd(E.double(), W.double(), ids, ids, negatives, 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.sequential_sgd(E.t(), W.t(), ids, ids, negatives, 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="int64"):
+        kernel.sequential_sgd(E, W, ids.int(), ids, negatives, 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="differ in length"):
+        kernel.sequential_sgd(E, W, ids, ids[:5], negatives, 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="more than a batch of 6 pairs fills"):
+        kernel.sequential_sgd(E, W, ids, ids, torch.zeros(7, 3, dtype=torch.int64), 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="out of range"):
+        kernel.sequential_sgd(E, W, ids, ids + 5, negatives, 0.1, 1.0, False)

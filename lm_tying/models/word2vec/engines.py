@@ -5,8 +5,8 @@ batch's mean loss. They differ in how an update is computed:
 
 * :class:`SequentialEngine` -- word2vec C's and gensim's SGD: pair after pair, each pair's update applied
   before the next pair reads the tables, in the compiled CPU kernel ``csrc/sequential_sgd.cpp``. ``lr`` is
-  per pair (needs ``reduction: sum``); the kernel's threads share the pairs lock-free (Hogwild!, as gensim's
-  workers): exact with one thread. Negative sampling without output bias only; CPU only.
+  per pair (needs ``reduction: sum``); the kernel's own threads share the pairs lock-free (Hogwild!, as
+  gensim's workers): exact with one thread. Negative sampling without output bias only; CPU only.
 * :class:`BatchedEngine` -- the gradients of ``update_pairs`` pairs written out by hand, all from the same
   old values, applied with ``index_add_`` to the rows they touch: a handful of tensor ops per update, on any
   device and precision (the matmuls follow autocast), any loss. Exactly one ``torch.optim.SGD`` step of the
@@ -109,7 +109,7 @@ def choose_engine(hparams: dict[str, Any], device: torch.device, world_size: int
             if native.sequential_sgd() is None:
                 raise EngineError(
                     "update='sequential': the compiled kernel could not be built (see the warning above); "
-                    "install a C++ compiler and ninja, or use update: batched"
+                    "install a C++ compiler (or set CXX), or use update: batched"
                 )
     if world_size > 1 and update == "autograd" and h.optimizer == "sparse_adam":
         raise EngineError(
@@ -168,14 +168,15 @@ class Engine:
 
 
 class SequentialEngine(Engine):
-    """Per-pair SGD in the compiled CPU kernel (see the module docstring)."""
+    """Per-pair SGD in the compiled CPU kernel (see the module docstring), on ``threads`` threads of its own."""
 
-    def __init__(self, model: Word2Vec, update_pairs: int | None) -> None:
+    def __init__(self, model: Word2Vec, update_pairs: int | None, threads: int) -> None:
         super().__init__(model, update_pairs)
         module = native.sequential_sgd()
         if module is None:
             raise EngineError("the compiled per-pair kernel could not be built (see the warning above)")
         self.kernel = module.sequential_sgd
+        self.threads = threads
 
     @torch.no_grad()
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
@@ -183,7 +184,8 @@ class SequentialEngine(Engine):
         sampled = m.sample_negatives(context, generator).sampled
         negatives = sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
         loss = self.kernel(
-            m.embedding, m.output_weight, center, context, negatives, lr, h.negative_weight, h.remove_accidental_hits
+            m.embedding, m.output_weight, center, context, negatives, lr, h.negative_weight, h.remove_accidental_hits,
+            self.threads,
         )
         return loss.float() / center.numel()
 
@@ -397,10 +399,13 @@ def batched_sgd_updates(
     return d_in, d_true, d_neg, g_true, g_neg.sum(1).view(n * K), loss_sum.detach()
 
 
-def build_engine(choice: EngineChoice, model: Word2Vec, all_reduce_sum: Callable[[Tensor], Tensor] | None) -> Engine:
-    """The engine ``choice`` names, wrapped in :class:`SummedDeltas` when it must sum the ranks' changes."""
+def build_engine(
+    choice: EngineChoice, model: Word2Vec, all_reduce_sum: Callable[[Tensor], Tensor] | None, threads: int
+) -> Engine:
+    """The engine ``choice`` names, wrapped in :class:`SummedDeltas` when it must sum the ranks' changes;
+    ``threads``: the compiled kernel's (the other engines run on torch's)."""
     if choice.update == "sequential":
-        engine: Engine = SequentialEngine(model, choice.update_pairs)
+        engine: Engine = SequentialEngine(model, choice.update_pairs, threads)
     elif choice.update == "batched":
         engine = BatchedEngine(model, choice.update_pairs)
     else:  # dense gradients under DDP: they are all-reduced, which not every backend does for sparse ones

@@ -139,10 +139,11 @@ class Word2Vec(WordEmbeddingModule):
             update_pairs: Pairs per update (per kernel call for ``sequential``). None: the whole batch, except
                 for the batched and autograd engines with ``reduction: sum``, which then update every 4,096
                 pairs (a whole large batch summed into one step would diverge).
-            threads: Torch threads while training. None: one for updates of fewer than 16,384 pairs (a second
-                thread costs more than it brings, and much more on a busy machine), else the cores of the
-                machine shared among its processes. The sequential kernel's threads update the tables
-                lock-free (as gensim's workers): bit-reproducible with ``threads: 1``.
+            threads: Threads while training: torch's, or the sequential kernel's own (torch then keeps one). None:
+                one for updates of fewer than 16,384 pairs (a second thread costs more than it brings, and much
+                more on a busy machine), else the cores of the machine shared among its processes. The sequential
+                kernel's threads update the tables lock-free (as gensim's workers): bit-reproducible with
+                ``threads: 1``.
             step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
                 lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
                 loader batch then carries many small updates, with the maths and figures of one batch per
@@ -246,18 +247,21 @@ class Word2Vec(WordEmbeddingModule):
         strategy, world = self.trainer.strategy, self.trainer.world_size
         self.engine_choice = choose_engine(self.hparams, strategy.root_device, world)
         all_reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None
-        self.engine = build_engine(self.engine_choice, self, all_reduce_sum)
         batch = getattr(self.attached_datamodule(), "batch_size", None)
         pairs = self.engine_choice.update_pairs or batch
         pairs = None if pairs is None or batch is None else min(pairs, batch)
         self._threads = choose_threads(self.hparams.threads, pairs, self.trainer.num_devices)
+        self.engine = build_engine(self.engine_choice, self, all_reduce_sum, self._threads)
         c = self.engine_choice
+        threads = "" if strategy.root_device.type != "cpu" else (
+            f"; {self._threads} kernel thread(s)" if c.update == "sequential" else f"; {self._threads} torch thread(s)"
+        )  # fmt: skip
         rank_zero_info(
             f"Word2Vec: update engine '{c.update}' ({c.reason}); "
             + (f"updates of {c.update_pairs:,} pairs" if c.update_pairs else "one update per batch")
             + (f"; {world} processes {'sum' if self.hparams.ddp_merge == 'sum' else 'average'} their changes after "
                "each batch" if c.sum_deltas else "")
-            + (f"; {self._threads} torch thread(s)" if strategy.root_device.type == "cpu" else "")
+            + threads
         )
 
     # ------------------------------------------------------------------------------ optimisation
@@ -285,7 +289,9 @@ class Word2Vec(WordEmbeddingModule):
     def on_fit_start(self) -> None:
         self._saved_threads = torch.get_num_threads()
         if self.device.type == "cpu":
-            torch.set_num_threads(self._threads)
+            # The compiled kernel runs threads of its own; torch's, spinning for a while after each of the few
+            # torch ops between its calls, would take their cores. Torch gets one thread then.
+            torch.set_num_threads(1 if self.engine_choice.update == "sequential" else self._threads)
         # Tiny updates of small weights (word2vec's zero-initialised output layer) produce denormal
         # floats, whose arithmetic is ~100x slower on x86 CPUs; flushing them to zero changes nothing else.
         torch.set_flush_denormal(True)

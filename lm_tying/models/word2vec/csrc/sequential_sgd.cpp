@@ -1,26 +1,36 @@
 // Skip-gram negative sampling trained pair after pair, as word2vec C and gensim do, for CPU.
 //
-// For each pair (center c, context t) of a group, with the group's K negatives n_1..n_K:
+// For each pair (center c, context t) of a group, with the group's K negatives n_1..n_K, every value
+// below read at the start of the pair (per-pair SGD: the gradient of the pair's loss, applied at once):
 //
 //   x = E[c]     s = <x, W[t]>     s_k = <x, W[n_k]>
 //   loss  = softplus(-s) + neg_weight * sum_k softplus(s_k)
-//   W[t]   += lr * (1 - sigmoid(s)) * x
-//   W[n_k] -= lr * neg_weight * sigmoid(s_k) * x                  (each applied at once)
-//   E[c]   += lr * ((1 - sigmoid(s)) * W[t] - neg_weight * sum_k sigmoid(s_k) * W[n_k])   (pre-update rows)
+//   g = lr * (1 - sigmoid(s))        g_k = -lr * neg_weight * sigmoid(s_k)
+//   E[c]   += g * W[t] + sum_k g_k * W[n_k]
+//   W[t]   += g * x        W[n_k] += g_k * x          (a row drawn twice gets both steps)
 //
 // so the next pair already sees these rows updated: plain per-pair SGD, where the batched PyTorch step
-// (engines.BatchedEngine) computes every gradient of an update from the same old values. Groups are
-// shared out among torch's intra-op threads, which update the shared tables without locks (Hogwild!, as
-// word2vec C and gensim): with one thread the result is exactly the sequential one, with more a row hit
-// by two threads at once may lose an update. Every row is worked on in L1 and the rows of the next pairs
-// are prefetched; no temporary [B, D] tensor, no per-op dispatch, no GIL.
+// (engines.BatchedEngine) computes every gradient of an update from the same old values. A pair's rows
+// are scored in one pass over x and updated in one more (one read and one write of each row), with the
+// rows of the next pairs prefetched: the loop is bound by its loads and stores, and per-row passes (one
+// for the score, one for E's step, one for W's) cost twice as much.
+//
+// Groups are shared out among `threads` threads (kept between calls), which update the shared tables without locks
+// (Hogwild!, as word2vec C and gensim): with one thread the result is exactly the sequential one, with more
+// a row hit by two threads at once may lose an update.
+//
+// Plain C++ with a C interface (called through ctypes): no torch headers, so it builds in a second or two.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__SSE__)
@@ -29,22 +39,65 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
+constexpr int kBlock = 8;  // rows scored and updated in one pass (their accumulators fit in registers)
 
 // Rows come at random from tables larger than the caches: request the next rows' cache lines while
 // this pair computes, or every pair waits on memory.
 inline void prefetch_row(const float* row, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+}
+
+// s[r] = <x, rows[r]> for R rows in one pass over x.
+template <int R>
+inline void scores(const float* x, const float* const* rows, float* s, int64_t n) {
+  float acc[R][8] = {};
+  int64_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma omp simd
+      for (int j = 0; j < 8; ++j) acc[r][j] += x[i0 + j] * rows[r][i0 + j];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float total = 0.f;
+    for (int j = 0; j < 8; ++j) total += acc[r][j];
+    for (int64_t i = i0; i < n; ++i) total += x[i] * rows[r][i];
+    s[r] = total;
+  }
+}
+
+// x_out += sum_r g[r] * rows[r] and rows[r] += g[r] * x_in, in one pass (rows distinct; x_out may be x_in).
+template <int R>
+inline void update(const float* x_in, float* x_out, float* const* rows, const float* g, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x_in[i];
+    float dx = 0.f;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float v = rows[r][i];
+      dx += g[r] * v;
+      rows[r][i] = v + g[r] * xi;
+    }
+    x_out[i] += dx;
+  }
+}
+
+template <int R = kBlock>
+inline void scores_block(int count, const float* x, const float* const* rows, float* s, int64_t n) {
+  if constexpr (R > 1) {
+    if (count < R) return scores_block<R - 1>(count, x, rows, s, n);
+  }
+  scores<R>(x, rows, s, n);
+}
+
+template <int R = kBlock>
+inline void update_block(int count, const float* x_in, float* x_out, float* const* rows, const float* g, int64_t n) {
+  if constexpr (R > 1) {
+    if (count < R) return update_block<R - 1>(count, x_in, x_out, rows, g, n);
+  }
+  update<R>(x_in, x_out, rows, g, n);
 }
 
 // sigmoid(s) from e = exp(-|s|), which also gives softplus(s) = max(s, 0) + log(1 + e). The caller
@@ -61,103 +114,157 @@ struct FlushDenormals {
 #endif
 };
 
+// Threads kept between calls: a thread started for each call often begins on the core of the calling
+// thread and waits for the scheduler to move it (measured: a call at a third of its speed, now and then).
+class Pool {
+ public:
+  // Runs job() on `threads` threads (the caller's included) and returns when all have finished.
+  void run(int threads, const std::function<void()>& job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (static_cast<int>(workers_.size()) < threads - 1) {
+      const int id = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, id, seen = generation_] { serve(id, seen); });  // it takes the next job
+    }
+    job_ = &job;
+    active_ = pending_ = threads - 1;
+    ++generation_;
+    wake_.notify_all();
+    lock.unlock();
+    job();
+    lock.lock();
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void serve(int id, int64_t seen) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;
+      const std::function<void()>* job = job_;
+      lock.unlock();
+      (*job)();
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;  // never joined: they wait for work until the process exits
+  const std::function<void()>* job_ = nullptr;
+  int64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+};
+
+// The process's pool. A forked child has none of its parent's threads: it starts a pool of its own (the
+// parent's object, whose threads do not exist there, is left alone).
+Pool& pool() {
+  static Pool* current = nullptr;
+  static pid_t owner = 0;
+  if (current == nullptr || owner != getpid()) {
+    current = new Pool();
+    owner = getpid();
+  }
+  return *current;
+}
+
+struct Problem {
+  float* E;
+  float* W;
+  int64_t D, B, n, K, G;
+  const int64_t *center, *context, *negatives;
+  float rate, neg_weight;
+  bool remove_accidental_hits;
+};
+
+// The loss (before the update) and the update of pair p, whose group's negatives are `negs`.
+inline void train_pair(const Problem& P, int64_t p, const int64_t* negs, std::vector<float*>& rows,
+                       std::vector<float>& s, std::vector<float>& g, std::vector<float>& x_in, double& linear,
+                       double& true_factors, double& neg_factors) {
+  const int64_t D = P.D, t = P.context[p];
+  float* x = P.E + P.center[p] * D;
+  // the distinct rows of the pair (a row drawn twice is one row with both steps), the true one first
+  int count = 0;
+  rows[count] = P.W + t * D;
+  g[count++] = 0.f;
+  for (int64_t k = 0; k < P.K; ++k) {
+    if (P.remove_accidental_hits && negs[k] == t) continue;  // as word2vec C and gensim always do
+    rows[count] = P.W + negs[k] * D;
+    g[count++] = 0.f;
+  }
+  for (int j = 0; j < count; j += kBlock) scores_block(std::min(kBlock, count - j), x, &rows[j], &s[j], D);
+  // the steps, from the scores; duplicates get their summed step on the first occurrence
+  const float e = std::exp(-std::fabs(s[0]));
+  g[0] = (1.f - sigmoid_from(s[0], e)) * P.rate;
+  linear += std::max(s[0], 0.f) - s[0];  // softplus(-s) = softplus(s) - s
+  true_factors *= 1.0 + e;
+  int distinct = 1;
+  for (int j = 1; j < count; ++j) {
+    const float e_k = std::exp(-std::fabs(s[j]));
+    linear += P.neg_weight * std::max(s[j], 0.f);
+    neg_factors *= 1.0 + e_k;
+    const float step = -sigmoid_from(s[j], e_k) * P.rate * P.neg_weight;
+    int same = 0;
+    while (same < distinct && rows[same] != rows[j]) ++same;
+    if (same == distinct) rows[distinct++] = rows[j];
+    g[same] += step;
+  }
+  if (distinct <= kBlock) {
+    update_block(distinct, x, x, rows.data(), g.data(), D);
+  } else {  // several passes: every one reads x as it was before the pair
+    std::copy(x, x + D, x_in.begin());
+    for (int j = 0; j < distinct; j += kBlock)
+      update_block(std::min(kBlock, distinct - j), x_in.data(), x, &rows[j], &g[j], D);
+  }
+}
+
 }  // namespace
 
 // embedding, output_weight: [V, D] float32, contiguous, updated in place; center, context: [B] int64;
-// negatives: [n, K] int64, shared by consecutive groups of G = ceil(B / n) pairs; remove_accidental_hits
-// skips a negative equal to the pair's context (as if its logit were -inf). Returns the summed
-// loss of the pairs (each before its own update), as a float64 scalar.
-torch::Tensor sequential_sgd(torch::Tensor embedding, torch::Tensor output_weight, torch::Tensor center,
-                             torch::Tensor context, torch::Tensor negatives, double lr, double neg_weight,
-                             bool remove_accidental_hits) {
-  TORCH_CHECK(embedding.device().is_cpu() && output_weight.device().is_cpu(), "the kernel runs on CPU tables");
-  TORCH_CHECK(embedding.scalar_type() == torch::kFloat32 && output_weight.scalar_type() == torch::kFloat32,
-              "tables must be float32");
-  TORCH_CHECK(embedding.is_contiguous() && output_weight.is_contiguous() && embedding.sizes() == output_weight.sizes(),
-              "tables must be contiguous and of the same shape");
-  TORCH_CHECK(center.scalar_type() == torch::kInt64 && context.scalar_type() == torch::kInt64 &&
-                  negatives.scalar_type() == torch::kInt64 && negatives.dim() == 2,
-              "center and context must be int64 [B], negatives int64 [groups, K]");
-  center = center.contiguous();
-  context = context.contiguous();
-  negatives = negatives.contiguous();
-  const int64_t V = embedding.size(0), D = embedding.size(1);
-  const int64_t B = center.numel(), n = negatives.size(0), K = negatives.size(1);
-  TORCH_CHECK(context.numel() == B, "center and context differ in length");
-  if (B == 0) return torch::zeros({}, torch::kFloat64);
-  const int64_t G = (B + n - 1) / n;
-  TORCH_CHECK(n >= 1 && (n - 1) * G < B, "negatives has more groups than the batch has pairs");
-  for (const torch::Tensor& ids : {center, context, negatives}) {
-    TORCH_CHECK(ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < V, "word id out of range");
-  }
-
-  float* E = embedding.data_ptr<float>();
-  float* W = output_weight.data_ptr<float>();
-  const int64_t* c = center.data_ptr<int64_t>();
-  const int64_t* t = context.data_ptr<int64_t>();
-  const int64_t* neg = negatives.data_ptr<int64_t>();
-  const float rate = static_cast<float>(lr), w = static_cast<float>(neg_weight);
-  std::vector<double> group_loss(n, 0.0);
-  {
-    pybind11::gil_scoped_release no_gil;
-    // Threads take chunks of groups from a shared counter rather than a fixed half each: on a VM whose
-    // vCPUs get descheduled a static split makes the whole call wait for the slowest thread.
-    const int64_t chunk = std::max<int64_t>(1, 256 / G), chunks = (n + chunk - 1) / chunk;
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      FlushDenormals flush;
-      std::vector<float> d_x(D);  // the update of E[c], from the rows as they were before this pair
-      for (int64_t taken = next++; taken < chunks; taken = next++) {
-        const int64_t begin = taken * chunk, end = std::min(n, begin + chunk);
-        for (int64_t g = begin; g < end; ++g) {
-          const int64_t* negs = neg + g * K;
-          if (g + 1 < end) {
-            for (int64_t k = 0; k < K; ++k) prefetch_row(W + negs[K + k] * D, D);
-          }
-          double linear = 0.0, true_factors = 1.0, neg_factors = 1.0;  // loss = linear + log(factors)
-          const int64_t last = std::min(B, (g + 1) * G);
-          for (int64_t p = g * G; p < last; ++p) {
-            if (p + 8 < B) {
-              prefetch_row(E + c[p + 8] * D, D);
-              prefetch_row(W + t[p + 8] * D, D);
-            }
-            float* x = E + c[p] * D;
-            float* wt = W + t[p] * D;
-            const float s = dot(x, wt, D);
-            const float e = std::exp(-std::fabs(s));
-            const float g_true = (1.f - sigmoid_from(s, e)) * rate;
-            linear += std::max(s, 0.f) - s;  // softplus(-s) = softplus(s) - s
-            true_factors *= 1.0 + e;
-            std::fill(d_x.begin(), d_x.end(), 0.f);
-            axpy(g_true, wt, d_x.data(), D);
-            axpy(g_true, x, wt, D);
-            for (int64_t k = 0; k < K; ++k) {
-              if (remove_accidental_hits && negs[k] == t[p]) continue;  // as word2vec C and gensim always do
-              float* wk = W + negs[k] * D;
-              const float s_k = dot(x, wk, D);
-              const float e_k = std::exp(-std::fabs(s_k));
-              const float g_k = -sigmoid_from(s_k, e_k) * rate * w;
-              linear += w * std::max(s_k, 0.f);
-              neg_factors *= 1.0 + e_k;
-              axpy(g_k, wk, d_x.data(), D);
-              axpy(g_k, x, wk, D);
-            }
-            axpy(1.f, d_x.data(), x, D);
-            if (neg_factors > 1e200 || true_factors > 1e200) {  // long groups: fold the products in early
-              linear += std::log(true_factors) + w * std::log(neg_factors);
-              true_factors = neg_factors = 1.0;
-            }
-          }
-          group_loss[g] = linear + std::log(true_factors) + w * std::log(neg_factors);
+// negatives: [n, K] int64, shared by consecutive groups of G = ceil(B / n) pairs; every id < V (the caller
+// checks). remove_accidental_hits skips a negative equal to the pair's context (as if its logit were -inf).
+// Writes the summed loss of each group's pairs (each before its own update) to group_loss [n].
+extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D, const int64_t* center,
+                               const int64_t* context, int64_t B, const int64_t* negatives, int64_t n, int64_t K,
+                               float lr, float neg_weight, int remove_accidental_hits, int threads,
+                               double* group_loss) {
+  if (B == 0) return;
+  const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
+                  neg_weight, remove_accidental_hits != 0};
+  // Threads take chunks of groups from a shared counter rather than a fixed share each: on a VM whose
+  // vCPUs get descheduled a static split makes the whole call wait for the slowest thread.
+  const int64_t chunk = std::max<int64_t>(1, 256 / P.G), chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    FlushDenormals flush;
+    std::vector<float*> rows(K + 1);
+    std::vector<float> s(K + 1), g(K + 1), x_in(D);
+    for (int64_t taken = next++; taken < chunks; taken = next++) {
+      const int64_t begin = taken * chunk, end = std::min(n, begin + chunk);
+      for (int64_t grp = begin; grp < end; ++grp) {
+        const int64_t* negs = negatives + grp * K;
+        if (grp + 1 < end) {
+          for (int64_t k = 0; k < K; ++k) prefetch_row(output_weight + negs[K + k] * D, D);
         }
+        double linear = 0.0, true_factors = 1.0, neg_factors = 1.0;  // loss = linear + log(factors)
+        const int64_t last = std::min(B, (grp + 1) * P.G);
+        for (int64_t p = grp * P.G; p < last; ++p) {
+          if (p + 8 < B) {
+            prefetch_row(embedding + center[p + 8] * D, D);
+            prefetch_row(output_weight + context[p + 8] * D, D);
+          }
+          train_pair(P, p, negs, rows, s, g, x_in, linear, true_factors, neg_factors);
+          if (neg_factors > 1e200 || true_factors > 1e200) {  // long groups: fold the products in early
+            linear += std::log(true_factors) + neg_weight * std::log(neg_factors);
+            true_factors = neg_factors = 1.0;
+          }
+        }
+        group_loss[grp] = linear + std::log(true_factors) + neg_weight * std::log(neg_factors);
       }
-    });
-  }
-  double total = 0.0;
-  for (double loss : group_loss) total += loss;
-  return torch::tensor(total, torch::kFloat64);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sequential_sgd", &sequential_sgd, "Per-pair SGD of skip-gram negative sampling (CPU, lock-free threads)");
+    }
+  };
+  pool().run(std::max(threads, 1), work);
 }
