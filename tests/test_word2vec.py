@@ -210,6 +210,34 @@ def fit(tmp_path, corpus_path, model_kw=None, data_kw=None, trainer_kw=None):
     return model, trainer, dm
 
 
+@pytest.mark.parametrize("update, training", [("sequential", 1), ("batched", 2)])
+def test_threads_while_training_validating_and_after(tmp_path, make_corpus, update, training):
+    """The kernel's threads are its own: torch keeps one while it trains (else torch's idle workers spin on the
+    kernel's cores); the other engines train on ``threads`` of torch's; validation's evaluation gets the
+    process's threads back, and so does the process after fit."""
+    if update == "sequential" and native.sequential_sgd() is None:
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    seen: dict[str, set[int]] = {"train": set(), "val": set()}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, *args):
+            seen["train"].add(torch.get_num_threads())
+
+        def on_validation_batch_start(self, *args):
+            seen["val"].add(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        corpus = make_corpus(planted_corpus(3000))
+        fit(tmp_path, corpus, model_kw=dict(update=update, share_negatives=4, output_bias=False, threads=2),
+            trainer_kw=dict(max_epochs=2, callbacks=[Record()]))  # fmt: skip
+        assert seen == {"train": {training}, "val": {3}}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def separation(model: Word2Vec) -> tuple[float, float, float]:
     """Mean cosine within the planted groups, across them, and the share of nearest neighbours in-group."""
     wv = model.word_vectors()
