@@ -220,8 +220,8 @@ class UnigramSampler(CandidateSampler):
 
     The tables are buffers sized ``num_classes`` at construction, so that they exist before the
     vocabulary is known and are restored from checkpoints; :meth:`set_counts` fills them. Drawing uses
-    Walker's alias method (O(1) per draw, exact): a uniform column ``k``, then a uniform that keeps ``k``
-    or takes its alias ``alias[k]`` -- two gathers, no search over the vocabulary.
+    Walker's alias method (O(1) per draw, exact): one uniform picks a column ``k`` and, by its
+    fractional part, either ``k`` or its alias ``alias[k]`` -- two gathers, no search over the vocabulary.
     """
 
     probs_table: Tensor
@@ -258,12 +258,11 @@ class UnigramSampler(CandidateSampler):
         return self.probs_table[ids].log()
 
     def draw(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
-        device = self.alias.device
-        k = torch.randint(self.num_classes, (n,), device=device, generator=generator)
-        # in float32 (float64 uniforms cost as much as the rest of the draw); steps of 2^-24 bias nothing
-        accept = self.alias_accept.float().index_select(0, k)
-        keep = torch.rand(n, device=device, generator=generator) < accept
-        return torch.where(keep, k, self.alias.index_select(0, k))
+        V = self.num_classes
+        u = torch.rand(n, dtype=torch.float64, device=self.alias.device, generator=generator) * V
+        k = u.long().clamp_(max=V - 1)
+        keep = (u - k) < self.alias_accept[k]  # the fractional part is a second, independent uniform
+        return torch.where(keep, k, self.alias[k])
 
 
 def _alias_tables(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
