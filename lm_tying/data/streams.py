@@ -65,8 +65,8 @@ class SkipGramStream(IterableDataset):
     The corpus is cut into chunks of ``chunk_tokens``; in each epoch every chunk is subsampled,
     given random windows and turned into pairs with its own random generator (seeded by seed, epoch
     and chunk), its pairs shuffled, and the chunks visited in a shuffled order. Any batch can so be
-    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap. The
-    default chunk of 2^18 tokens (~1.5M pairs, 12 MB) is shuffled in the CPU's cache: twice as fast as 2^20.
+    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap. Chunks of
+    2^18 tokens would shuffle twice as fast (in the CPU's cache) but cost SimLex-999 ~0.014 (benchmarks/README.md).
 
     An epoch has a fixed number of pairs (that of epoch 0), so Lightning sees the same length every
     epoch; other epochs draw slightly more or fewer pairs and are cut, or wrapped, to that number.
