@@ -82,7 +82,8 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
     """The threads kept between calls: calls on 1-4 threads in any order finish (a worker that missed its call
     would leave the caller waiting) with the 1-thread result up to the order of the pairs (lock-free threads),
-    and a forked child, which has none of its parent's threads, gets threads of its own."""
+    calls from two Python threads at once take turns, and a forked child, which has none of its parent's threads,
+    gets threads of its own."""
     needs_compiler()
     done = run_python("""
         import os, torch
@@ -99,6 +100,15 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
         for threads in (2, 4, 1, 3, 2, 2):
             loss, size = train(threads)
             assert abs(loss - one[0]) < 0.02 * one[0] and abs(size - one[1]) < 0.02 * one[1], (threads, loss, size, one)
+        # calls from two Python threads at once (the library is called without the GIL): one waits for the other
+        import threading
+        results = []
+        callers = [threading.Thread(target=lambda: results.append(train(2))) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        assert len(results) == 2 and all(abs(size - one[1]) < 0.02 * one[1] for _, size in results), results
         pid = os.fork()
         if pid == 0:
             os._exit(0 if train(2)[1] > 0 else 1)
@@ -121,7 +131,8 @@ def test_the_kernel_checks_its_inputs():
         kernel.sequential_sgd(E, W, ids.int(), ids, negatives, 0.1, 1.0, False)
     with pytest.raises(ValueError, match="differ in length"):
         kernel.sequential_sgd(E, W, ids, ids[:5], negatives, 0.1, 1.0, False)
-    with pytest.raises(ValueError, match="more than a batch of 6 pairs fills"):
-        kernel.sequential_sgd(E, W, ids, ids, torch.zeros(7, 3, dtype=torch.int64), 0.1, 1.0, False)
+    for groups in (0, 7):
+        with pytest.raises(ValueError, match=f"negatives has {groups} groups: a batch of 6 pairs fills between 1 and 6"):
+            kernel.sequential_sgd(E, W, ids, ids, torch.zeros(groups, 3, dtype=torch.int64), 0.1, 1.0, False)
     with pytest.raises(ValueError, match="out of range"):
         kernel.sequential_sgd(E, W, ids, ids + 5, negatives, 0.1, 1.0, False)

@@ -253,15 +253,13 @@ class Word2Vec(WordEmbeddingModule):
         self._threads = choose_threads(self.hparams.threads, pairs, self.trainer.num_devices)
         self.engine = build_engine(self.engine_choice, self, all_reduce_sum, self._threads)
         c = self.engine_choice
-        threads = "" if strategy.root_device.type != "cpu" else (
-            f"; {self._threads} kernel thread(s)" if c.update == "sequential" else f"; {self._threads} torch thread(s)"
-        )  # fmt: skip
+        whose = "kernel" if c.update == "sequential" else "torch"
         rank_zero_info(
             f"Word2Vec: update engine '{c.update}' ({c.reason}); "
             + (f"updates of {c.update_pairs:,} pairs" if c.update_pairs else "one update per batch")
             + (f"; {world} processes {'sum' if self.hparams.ddp_merge == 'sum' else 'average'} their changes after "
                "each batch" if c.sum_deltas else "")
-            + threads
+            + (f"; {self._threads} {whose} thread(s)" if strategy.root_device.type == "cpu" else "")
         )
 
     # ------------------------------------------------------------------------------ optimisation

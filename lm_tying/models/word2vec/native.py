@@ -109,11 +109,10 @@ class SequentialKernel:
         group_loss = torch.zeros(n, dtype=torch.float64)
         if B == 0:
             return group_loss.sum()
-        G = -(-B // n)
-        if n < 1 or (n - 1) * G >= B:
-            raise ValueError(f"negatives has {n} groups: more than a batch of {B} pairs fills")
+        if n < 1 or (n - 1) * -(-B // n) >= B:
+            raise ValueError(f"negatives has {n} groups: a batch of {B} pairs fills between 1 and {B}")
         for ids in (center, context, negatives):
-            if int(ids.min()) < 0 or int(ids.max()) >= V:
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
                 raise ValueError(f"word id out of range: the tables have {V} rows")
         self._fn(E.data_ptr(), W.data_ptr(), D, center.data_ptr(), context.data_ptr(), B, negatives.data_ptr(),
                  n, K, lr, neg_weight, int(remove_accidental_hits), threads or torch.get_num_threads(),

@@ -266,5 +266,7 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
       }
     }
   };
+  static std::mutex one_call_at_a_time;  // the pool serves one call; callers on other threads wait their turn
+  std::lock_guard<std::mutex> lock(one_call_at_a_time);
   pool().run(std::max(threads, 1), work);
 }
