@@ -519,13 +519,35 @@ def sampled_softmax_loss(
 # ------------------------------------------------------------------------------------------------
 
 
+def _softmax_block_rows(logits: Tensor) -> int:
+    """Rows of logits softmaxed at a time: about 1 MiB on a CPU (they stay in cache between the passes
+    over them), all of them on an accelerator (one kernel launch per pass)."""
+    if logits.device.type != "cpu":
+        return max(1, logits.shape[0])
+    return max(1, (1 << 20) // (logits.shape[1] * 4))
+
+
+def _softmax_cross_entropy_(logits: Tensor, targets: Tensor, scale: float) -> Tensor:
+    """Each row's cross-entropy; ``logits`` is overwritten with ``(softmax - onehot(targets)) * scale``."""
+    target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    top = logits.amax(1, keepdim=True)
+    logits.sub_(top).exp_()
+    total = logits.sum(1, keepdim=True)
+    losses = total.log().add_(top).squeeze(1) - target_logits
+    logits.mul_(total.reciprocal_().mul_(scale))
+    logits[torch.arange(logits.shape[0], device=logits.device), targets] -= scale
+    return losses
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean ``cross_entropy(inputs @ weight.T + bias, targets)`` whose backward is two matrix products.
 
-    The forward computes the logits ``chunk_rows`` rows at a time and turns each chunk, while it is
-    fresh, into the gradient of the mean loss w.r.t. those logits, ``(softmax - onehot) / N``, written into
-    one ``[N, V]`` buffer (float32 at least; the bias gradient is summed on the way). The unfused path keeps
-    the logits and the log-softmax output for its backward and then makes more ``N x V`` passes (the NLL's
+    The forward computes the logits ``chunk_rows`` rows at a time and turns them, in place, into the
+    gradient of the mean loss w.r.t. the logits, ``(softmax - onehot) / N``: one ``[N, V]`` buffer (float32
+    at least: autocast's bf16 logits are copied into it), kept for the backward. The softmax runs over
+    blocks of rows that stay in a CPU's cache (``_softmax_block_rows``), so each logit goes through memory
+    once, and the bias gradient is summed on the way. The unfused path keeps the logits and the
+    log-softmax output for its backward and makes several more ``N x V`` passes (the log-softmax, the NLL's
     gradient, the log-softmax's, the bias sum); here the backward only multiplies the buffer by the weight
     and by the inputs, and scales the results by the incoming gradient.
     """
@@ -535,25 +557,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx, inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int
     ) -> Tensor:
         n, vocab = inputs.shape[0], weight.shape[0]
-        grad_logits = grad_bias = losses = None
+        grad_logits = grad_bias = losses = compute_dtype = None
         for start in range(0, n, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n))
-            x, y = inputs[rows], targets[rows]
+            x = inputs[start : start + chunk_rows]
             logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
             if grad_logits is None:
                 # the matmuls run in logits' dtype (autocast's, if on); the softmax in float32 at least
                 compute_dtype, dtype = logits.dtype, torch.promote_types(logits.dtype, torch.float32)
-                grad_logits = torch.empty(n, vocab, dtype=dtype, device=inputs.device)
+                in_place = len(x) == n and logits.dtype == dtype  # one chunk: the logits become the buffer
+                grad_logits = logits if in_place else torch.empty(n, vocab, dtype=dtype, device=inputs.device)
                 losses = torch.empty(n, dtype=dtype, device=inputs.device)
                 grad_bias = torch.zeros(vocab, dtype=dtype, device=inputs.device) if bias is not None else None
-            log_probs = torch.log_softmax(logits.to(grad_logits.dtype), dim=1)
-            losses[rows] = -log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
-            probs = grad_logits[rows]
-            torch.exp(log_probs, out=probs)
-            probs[torch.arange(probs.shape[0], device=probs.device), y] -= 1.0
-            probs.mul_(1.0 / n)
-            if grad_bias is not None:
-                grad_bias += probs.sum(0)
+            block_rows = _softmax_block_rows(logits)
+            for first in range(0, len(x), block_rows):
+                rows = slice(start + first, start + min(first + block_rows, len(x)))
+                block = logits[first : first + block_rows]
+                if not in_place:
+                    block = grad_logits[rows].copy_(block)
+                losses[rows] = _softmax_cross_entropy_(block, targets[rows], scale=1.0 / n)
+                if grad_bias is not None:
+                    grad_bias += block.sum(0)
         ctx.save_for_backward(inputs, weight, grad_logits, grad_bias)
         ctx.has_bias = bias is not None
         ctx.compute_dtype = compute_dtype

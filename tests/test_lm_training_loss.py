@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from lm_tying import nce
 from lm_tying.nce import linear_cross_entropy
 from tests.test_lstm_lm import CYCLE, batch, lm_data, tiny, trainer
 
@@ -57,6 +58,44 @@ def test_fused_loss_equals_cross_entropy_of_linear():
     torch.testing.assert_close(torch.autograd.grad(frozen, inputs)[0], want_grads[0])
     with pytest.raises(ValueError, match="chunk_rows"):
         linear_cross_entropy(inputs, weight, bias, targets, chunk_rows=0)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+@pytest.mark.parametrize("chunk_rows", [4, 37, 64])
+def test_fused_loss_in_softmax_blocks_and_chunks(monkeypatch, block_rows, chunk_rows):
+    """The in-place softmax over blocks of rows (a CPU's cache-sized blocks, forced small here) inside the
+    matmul's chunks gives the plain expression's loss and gradients, bias gradient included."""
+    monkeypatch.setattr(nce, "_softmax_block_rows", lambda logits: block_rows)
+    g = torch.Generator().manual_seed(2)
+    inputs = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_()
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    want = reference(inputs, weight, bias, targets)
+    got = linear_cross_entropy(inputs, weight, bias, targets, chunk_rows=chunk_rows)
+    torch.testing.assert_close(got, want)
+    for g_got, g_want in zip(torch.autograd.grad(got, (inputs, weight, bias)), torch.autograd.grad(want, (inputs, weight, bias))):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_fused_loss_under_bf16_autocast_takes_the_softmax_in_float32():
+    """bf16 logits (autocast's matmul) are copied into a float32 buffer: the loss is the float32
+    cross-entropy of those very logits, and the gradients come back in the inputs' dtypes."""
+    g = torch.Generator().manual_seed(3)
+    inputs = torch.randn(29, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (29,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(inputs, weight, bias, targets)
+        logits = F.linear(inputs, weight, bias)
+    assert logits.dtype == torch.bfloat16 and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.cross_entropy(logits.float(), targets))
+    grads = torch.autograd.grad(got, (inputs, weight, bias))
+    assert [t.dtype for t in grads] == [torch.float32] * 3
+    want = torch.autograd.grad(reference(inputs, weight, bias, targets), (inputs, weight, bias))
+    for g_got, g_want in zip(grads, want):
+        torch.testing.assert_close(g_got, g_want, atol=0.02, rtol=0.05)  # bf16 matmuls
 
 
 def test_training_step_gives_the_unfused_loss_and_gradients_and_the_tie_holds():
