@@ -76,6 +76,7 @@ VARIANTS: dict[str, list[str]] = {
         "--trainer.enable_checkpointing", "false",
     ],
     "bf16_mixed": ["--trainer.precision", "bf16-mixed"],  # bf16 matmuls and LSTM, float32 weights and loss
+    "bf16_mixed_float32_lstm": ["--trainer.precision", "bf16-mixed", "--model.init_args.float32_lstm", "true"],
 }  # fmt: skip
 
 
@@ -213,8 +214,8 @@ def step_times(steps: int) -> None:
         for p in example.parameters():
             p.data.add_(p.grad, alpha=-1e-3)
 
-    def module_step(fused: bool, bf16: bool = False):
-        model = LSTMLanguageModel(vocab, width, width)
+    def module_step(fused: bool, bf16: bool = False, float32_lstm: bool = False):
+        model = LSTMLanguageModel(vocab, width, width, float32_lstm=float32_lstm)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step() -> None:
@@ -238,6 +239,7 @@ def step_times(steps: int) -> None:
         "module, unfused loss": module_step(fused=False),
         "module, fused loss (loss: full)": module_step(fused=True),
         "module, fused loss, bf16 autocast": module_step(fused=True, bf16=True),
+        "  the same, float32_lstm": module_step(fused=True, bf16=True, float32_lstm=True),
     }
     times: dict[str, list[float]] = {name: [] for name in programs}
     for step in programs.values():
@@ -270,6 +272,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS), metavar="NAME",
                         help=f"also run the CLI with these settings changed, one each ({', '.join(VARIANTS)}; "
                              f"--variants alone: all)")  # fmt: skip
+    parser.add_argument("--without_cli", action="store_true",
+                        help="run the example and the --variants only, not the CLI with its defaults")
     parser.add_argument("--cli_args", nargs=argparse.REMAINDER, default=[], help="more CLI overrides (last)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = parser.parse_args()
@@ -288,7 +292,8 @@ def main() -> None:
         root = Path(tmp)
         groups = [args.seeds] if args.all_at_once else [[seed] for seed in args.seeds]
         for seeds in groups:
-            programs = {"cli": []} | {f"cli, {name}": VARIANTS[name] for name in args.variants}
+            programs = {} if args.without_cli else {"cli": []}
+            programs |= {f"cli, {name}": VARIANTS[name] for name in args.variants}
             outputs, commands = {}, {}
             for seed in seeds:
                 outputs[seed, "example"] = root / f"example-{seed}.json"

@@ -134,3 +134,22 @@ def test_bf16_autocast_runs_the_lstm_in_bf16_where_the_cpu_can():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(batch(30)[0])
     assert seen == [torch.bfloat16]
+
+
+def test_float32_lstm_keeps_the_lstm_in_float32_under_bf16_autocast(monkeypatch):
+    """The choice is the setting's, not the CPU's: with a bf16 LSTM available, ``float32_lstm`` still runs it
+    in float32 (state carried in float32 to the next window), the decoder stays bf16, and training steps work."""
+    monkeypatch.setattr(lstm_lm, "cpu_runs_bf16_lstm", lambda: True)
+    torch.manual_seed(0)
+    model = tiny(30, float32_lstm=True)
+    seen = []
+    model.lstm.register_forward_hook(lambda mod, args, out: seen.append((out[0].dtype, out[1][1].dtype)))
+    inputs, targets = batch(30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(inputs)
+        for step in range(2):
+            loss = model.training_step((inputs, targets), step)
+            loss.backward()
+    assert seen == [(torch.float32, torch.float32)] * 3 and logits.dtype == torch.bfloat16
+    assert model._train_hidden[1].dtype == torch.float32 and math.isfinite(loss.item())
+    assert model.embedding.weight.grad.abs().sum() > 0 and model.lstm.weight_hh_l0.grad.dtype == torch.float32

@@ -86,6 +86,11 @@ class LSTMLanguageModel(WordEmbeddingModule):
         sampler_power: Exponent of the counts for the ``unigram`` sampler.
         remove_accidental_hits: With ``loss: sampled``, a drawn word equal to a token's target does not
             count as a negative for that token (TF's default).
+        float32_lstm: Under bf16 mixed precision, keep the LSTM in float32: only the rest, the decoder's
+            matrix products (most of a step) first, runs in bf16. A bf16 LSTM carries its state in bf16 from
+            step to step and ends an epoch of the example-sized network ~5 % higher in perplexity than
+            float32; this keeps float32's perplexity at most of bf16's speed (README, LM "Benchmark").
+            No effect in float32.
         compile: ``torch.compile`` the network up to the decoder (see ``configure_model``).
         sample_prompts: Prompts whose continuations are logged to TensorBoard after each validation.
         sample_words: Words generated per prompt at validation.
@@ -120,6 +125,7 @@ class LSTMLanguageModel(WordEmbeddingModule):
         sampler: Literal["log_uniform", "unigram"] = "log_uniform",
         sampler_power: float = 1.0,
         remove_accidental_hits: bool = True,
+        float32_lstm: bool = False,
         compile: bool = False,
         sample_prompts: list[str] | None = None,
         sample_words: int = 30,
@@ -266,18 +272,18 @@ class LSTMLanguageModel(WordEmbeddingModule):
         return x, hidden
 
     def _run_lstm(self, x: Tensor, hidden: Hidden | None) -> tuple[Tensor, Hidden]:
-        """The LSTM; under CPU bf16 autocast on a CPU whose oneDNN has no bf16 LSTM, in float32.
+        """The LSTM; under bf16 autocast in float32 with ``float32_lstm``, or on a CPU without a bf16 LSTM.
 
-        Without the fallback such CPUs (e.g. AVX2 without AVX-512) stop with oneDNN's "could not create a
+        Without that fallback such CPUs (e.g. AVX2 without AVX-512) stop with oneDNN's "could not create a
         primitive descriptor for the LSTM forward propagation primitive". The rest stays in bf16.
         """
+        device = x.device.type
         if (
-            x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not cpu_runs_bf16_lstm()
+            torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.bfloat16
+            and (self.hparams.float32_lstm or (device == "cpu" and not cpu_runs_bf16_lstm()))
         ):
-            with torch.autocast("cpu", enabled=False):
+            with torch.autocast(device, enabled=False):
                 if hidden is not None:
                     hidden = (hidden[0].float(), hidden[1].float())
                 return self.lstm(x.float(), hidden)
