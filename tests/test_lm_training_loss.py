@@ -27,6 +27,15 @@ def reference(inputs, weight, bias, targets):
     return F.cross_entropy(F.linear(inputs, weight, bias), targets)
 
 
+def decoder_problem(seed: int, rows: int = 37, vocab: int = 50, width: int = 16, weight_scale: float = 3.0):
+    """Random inputs, a decoder weight and bias needing gradients, and targets."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(rows, width, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, width, generator=g) * weight_scale).requires_grad_()
+    bias = torch.randn(vocab, generator=g, requires_grad=True)
+    return inputs, weight, bias, torch.randint(0, vocab, (rows,), generator=g)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fused_loss_passes_gradcheck_in_float64(with_bias):
     g = torch.Generator().manual_seed(0)
@@ -41,11 +50,7 @@ def test_fused_loss_passes_gradcheck_in_float64(with_bias):
 
 
 def test_fused_loss_equals_cross_entropy_of_linear():
-    g = torch.Generator().manual_seed(1)
-    inputs = torch.randn(37, 16, generator=g, requires_grad=True)
-    weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_()
-    bias = torch.randn(50, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (37,), generator=g)
+    inputs, weight, bias, targets = decoder_problem(1)
     want = reference(inputs, weight, bias, targets)
     want_grads = torch.autograd.grad(want, (inputs, weight, bias))
     got = linear_cross_entropy(inputs, weight, bias, targets, chunk_rows=8)
@@ -66,26 +71,18 @@ def test_fused_loss_in_softmax_blocks_and_chunks(monkeypatch, block_rows, chunk_
     """The in-place softmax over blocks of rows (a CPU's cache-sized blocks, forced small here) inside the
     matmul's chunks gives the plain expression's loss and gradients, bias gradient included."""
     monkeypatch.setattr(nce, "_softmax_block_rows", lambda logits: block_rows)
-    g = torch.Generator().manual_seed(2)
-    inputs = torch.randn(37, 16, generator=g, requires_grad=True)
-    weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_()
-    bias = torch.randn(50, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (37,), generator=g)
-    want = reference(inputs, weight, bias, targets)
-    got = linear_cross_entropy(inputs, weight, bias, targets, chunk_rows=chunk_rows)
+    params = decoder_problem(2)
+    want = reference(*params)
+    got = linear_cross_entropy(*params, chunk_rows=chunk_rows)
     torch.testing.assert_close(got, want)
-    for g_got, g_want in zip(torch.autograd.grad(got, (inputs, weight, bias)), torch.autograd.grad(want, (inputs, weight, bias))):
+    for g_got, g_want in zip(torch.autograd.grad(got, params[:3]), torch.autograd.grad(want, params[:3])):
         torch.testing.assert_close(g_got, g_want)
 
 
 def test_fused_loss_under_bf16_autocast_takes_the_softmax_in_float32():
     """bf16 logits (autocast's matmul) are copied into a float32 buffer: the loss is the float32
     cross-entropy of those very logits, and the gradients come back in the inputs' dtypes."""
-    g = torch.Generator().manual_seed(3)
-    inputs = torch.randn(29, 16, generator=g, requires_grad=True)
-    weight = torch.randn(50, 16, generator=g, requires_grad=True)
-    bias = torch.randn(50, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (29,), generator=g)
+    inputs, weight, bias, targets = decoder_problem(3, rows=29, weight_scale=1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = linear_cross_entropy(inputs, weight, bias, targets)
         logits = F.linear(inputs, weight, bias)
