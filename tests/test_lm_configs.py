@@ -41,16 +41,18 @@ def test_overlays_change_few_settings_and_cannot_run_alone(capsys):
 
 
 @pytest.mark.parametrize(
-    "stack",
+    "stack, precision",
     [
-        [BASE],
-        [BASE, "lstm_lm_cpu.yaml"],
-        [BASE, "lstm_lm_untied.yaml"],
-        [BASE, "lstm_lm_cpu.yaml", "lstm_lm_from_word2vec.yaml"],
+        ([BASE], "32-true"),
+        ([BASE, "lstm_lm_cpu.yaml"], "32-true"),
+        ([BASE, "lstm_lm_untied.yaml"], "32-true"),
+        ([BASE, "lstm_lm_cpu.yaml", "lstm_lm_from_word2vec.yaml"], "32-true"),
+        ([BASE], "bf16-mixed"),  # the configs' headers offer it (a CPU without bf16 emulates it: slow, works)
+        ([BASE, "lstm_lm_cpu.yaml"], "bf16-mixed"),
     ],
-    ids=lambda stack: "+".join(Path(c).stem for c in stack),
+    ids=lambda value: "+".join(Path(c).stem for c in value) if isinstance(value, list) else value,
 )
-def test_shipped_config_trains_with_finite_loss(stack, tmp_path, monkeypatch, make_corpus):
+def test_shipped_config_trains_with_finite_loss(stack, precision, tmp_path, monkeypatch, make_corpus):
     corpus = make_corpus(num_words=4000)
     monkeypatch.chdir(tmp_path)
     words = corpus.read_text().split()
@@ -73,7 +75,7 @@ def test_shipped_config_trains_with_finite_loss(stack, tmp_path, monkeypatch, ma
             *["--data.eval_batch_size", "2", "--data.num_workers", "0"],
             *["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2"],
             *["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"],
-            *["--trainer.accelerator", "cpu"],
+            *["--trainer.accelerator", "cpu", "--trainer.precision", precision],
         ]
     )
     metrics = cli.trainer.callback_metrics

@@ -108,10 +108,10 @@ def test_sampled_loss_under_torch_compile(monkeypatch):
 # ---------------------------------------------------------------------- bf16 on CPUs without bf16 LSTM
 
 
-def test_bf16_autocast_without_cpu_support_runs_the_lstm_in_float32(monkeypatch):
+def test_bf16_lstm_without_cpu_support_runs_the_lstm_in_float32(monkeypatch):
     """Whatever this CPU can do, the fallback path: LSTM in float32, the decoder in bf16, finite loss."""
     monkeypatch.setattr(lstm_lm, "cpu_runs_bf16_lstm", lambda: False)
-    model = sampled(30)
+    model = sampled(30, bf16_lstm=True)
     seen = []
     model.lstm.register_forward_hook(lambda mod, args, out: seen.append(out[0].dtype))
     inputs, targets = batch(30)
@@ -127,8 +127,8 @@ def test_bf16_autocast_without_cpu_support_runs_the_lstm_in_float32(monkeypatch)
     not lstm_lm.cpu_runs_bf16_lstm(),
     reason="this CPU's oneDNN has no bf16 LSTM (it needs AVX-512 BF16 or AMX); the float32 fallback is tested",
 )
-def test_bf16_autocast_runs_the_lstm_in_bf16_where_the_cpu_can():
-    model = tiny(30)
+def test_bf16_lstm_runs_the_lstm_in_bf16_where_the_cpu_can():
+    model = tiny(30, bf16_lstm=True)
     seen = []
     model.lstm.register_forward_hook(lambda mod, args, out: seen.append(out[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -136,12 +136,13 @@ def test_bf16_autocast_runs_the_lstm_in_bf16_where_the_cpu_can():
     assert seen == [torch.bfloat16]
 
 
-def test_float32_lstm_keeps_the_lstm_in_float32_under_bf16_autocast(monkeypatch):
-    """The choice is the setting's, not the CPU's: with a bf16 LSTM available, ``float32_lstm`` still runs it
-    in float32 (state carried in float32 to the next window), the decoder stays bf16, and training steps work."""
+def test_bf16_autocast_keeps_the_lstm_in_float32_by_default(monkeypatch):
+    """The choice is the setting's, not the CPU's: with a bf16 LSTM available, the default (``bf16_lstm:
+    false``) still runs it in float32 (state carried in float32 to the next window), the decoder stays bf16,
+    and training steps work."""
     monkeypatch.setattr(lstm_lm, "cpu_runs_bf16_lstm", lambda: True)
     torch.manual_seed(0)
-    model = tiny(30, float32_lstm=True)
+    model = tiny(30)
     seen = []
     model.lstm.register_forward_hook(lambda mod, args, out: seen.append((out[0].dtype, out[1][1].dtype)))
     inputs, targets = batch(30)

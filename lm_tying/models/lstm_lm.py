@@ -86,11 +86,11 @@ class LSTMLanguageModel(WordEmbeddingModule):
         sampler_power: Exponent of the counts for the ``unigram`` sampler.
         remove_accidental_hits: With ``loss: sampled``, a drawn word equal to a token's target does not
             count as a negative for that token (TF's default).
-        float32_lstm: Under bf16 mixed precision, keep the LSTM in float32: only the rest, the decoder's
-            matrix products (most of a step) first, runs in bf16. A bf16 LSTM carries its state in bf16 from
-            step to step and ends an epoch of the example-sized network ~5 % higher in perplexity than
-            float32; this keeps float32's perplexity at most of bf16's speed (README, LM "Benchmark").
-            No effect in float32.
+        bf16_lstm: Under bf16 mixed precision, run the LSTM in bf16 too. Off by default: the LSTM stays in
+            float32 and the rest (the decoder's matrix products, most of a step) runs in bf16. A bf16 LSTM
+            carries its state in bf16 from step to step: a little faster, but it learned worse on every seed
+            measured (README, LM "Benchmark"). A CPU without a bf16 LSTM runs it in float32 anyway. No
+            effect in float32.
         compile: ``torch.compile`` the network up to the decoder (see ``configure_model``).
         sample_prompts: Prompts whose continuations are logged to TensorBoard after each validation.
         sample_words: Words generated per prompt at validation.
@@ -125,7 +125,7 @@ class LSTMLanguageModel(WordEmbeddingModule):
         sampler: Literal["log_uniform", "unigram"] = "log_uniform",
         sampler_power: float = 1.0,
         remove_accidental_hits: bool = True,
-        float32_lstm: bool = False,
+        bf16_lstm: bool = False,
         compile: bool = False,
         sample_prompts: list[str] | None = None,
         sample_words: int = 30,
@@ -272,16 +272,16 @@ class LSTMLanguageModel(WordEmbeddingModule):
         return x, hidden
 
     def _run_lstm(self, x: Tensor, hidden: Hidden | None) -> tuple[Tensor, Hidden]:
-        """The LSTM; under bf16 autocast in float32 with ``float32_lstm``, or on a CPU without a bf16 LSTM.
+        """The LSTM; under bf16 autocast in float32 unless ``bf16_lstm`` (and the CPU, if on one, can).
 
-        Without that fallback such CPUs (e.g. AVX2 without AVX-512) stop with oneDNN's "could not create a
+        A CPU without a bf16 LSTM (e.g. AVX2 without AVX-512) would stop with oneDNN's "could not create a
         primitive descriptor for the LSTM forward propagation primitive". The rest stays in bf16.
         """
         device = x.device.type
         if (
             torch.is_autocast_enabled(device)
             and torch.get_autocast_dtype(device) == torch.bfloat16
-            and (self.hparams.float32_lstm or (device == "cpu" and not cpu_runs_bf16_lstm()))
+            and (not self.hparams.bf16_lstm or (device == "cpu" and not cpu_runs_bf16_lstm()))
         ):
             with torch.autocast(device, enabled=False):
                 if hidden is not None:
