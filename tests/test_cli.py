@@ -254,3 +254,16 @@ def test_bad_inputs_exit_nonzero_with_a_readable_message(
 def test_console_script(tmp_path):
     proc = subprocess.run(["lm-tying", "export", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--ckpt_path" in proc.stdout
+
+
+def test_the_cli_ends_a_ddp_process_group_before_exiting(tmp_path):
+    """Lightning leaves a gloo process group to the interpreter's exit, where its threads can abort a finished
+    run (exit status -6); every ``lm-tying`` command ends the group it ran in."""
+    import torch.distributed as dist
+
+    from lm_tying.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert not dist.is_initialized()

@@ -507,6 +507,7 @@ trainer.fit(model, data, ckpt_path=ckpt)
 out = {"val_ppl": trainer.callback_metrics["val/ppl"].item(), "tied": model.is_tied,
        "weights": [p.detach().sum().item() for p in model.parameters()]}
 (tmp / f"{mode}-rank{trainer.global_rank}.json").write_text(json.dumps(out))
+torch.distributed.destroy_process_group()  # as lm-tying's CLI does: gloo's threads otherwise may abort the exit
 '''
 
 
