@@ -259,7 +259,7 @@ STARTUP_PHASES = {
     "import torch": "import torch",
     "import lightning": "import lightning.pytorch",
     "import lm_tying.cli": "import lm_tying.cli",
-    "kernel load": "from lm_tying.models.word2vec import native; native.sequential_sgd()",
+    "kernel load": "from lm_tying.models.word2vec import native; native.library()",
 }
 
 

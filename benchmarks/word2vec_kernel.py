@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "lm_tying_bench"))
     args = p.parse_args()
 
-    kernel = native.sequential_sgd()
+    kernel = native.library()
     if kernel is None:
         raise SystemExit("the kernel cannot be built here (no C++ compiler)")
     dm = Text8DataModule(path=args.corpus, data_dir=args.data_dir, vocab_size=50000, min_count=5, mode="skipgram",

@@ -17,6 +17,7 @@ import torch
 
 from lm_tying.data import LanguageModelStream, ResumableLoader, SkipGramStream, Text8DataModule
 from lm_tying.data.streams import keep_probabilities, skipgram_pairs
+from lm_tying.models.word2vec import native
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,16 +126,23 @@ def test_skipgram_shards_are_disjoint_and_together_the_whole(num_batches_divisib
     assert set(batches[0]).isdisjoint(batches[1][: len(batches[1]) - padding])
 
 
+def needs_compiled_pairs(pair_shuffle: str) -> None:
+    if pair_shuffle == "native" and native.library() is None:
+        pytest.skip("no C++ compiler here: the compiled pair shuffle cannot be built")
+
+
+@pytest.mark.parametrize("pair_shuffle", ["native", "numpy"])
 @pytest.mark.parametrize("num_workers", [0, 1, 3])
-def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
+def test_loader_state_round_trip_gives_the_remaining_batches(num_workers, pair_shuffle):
+    needs_compiled_pairs(pair_shuffle)
     tokens = np.random.default_rng(0).integers(0, 50, 5000).astype(np.int32)
 
-    def loader():
-        return ResumableLoader(SkipGramStream(tokens, 64, 2, seed=5, chunk_tokens=1500), num_workers=num_workers)
+    def loader(workers=num_workers):
+        stream = SkipGramStream(tokens, 64, 2, seed=5, chunk_tokens=1500, pair_shuffle=pair_shuffle)
+        return ResumableLoader(stream, num_workers=workers)
 
     if num_workers > 1:  # workers own blocks of batches, interleaved: the epoch holds the same batches
-        one = ResumableLoader(SkipGramStream(tokens, 64, 2, seed=5, chunk_tokens=1500))
-        assert sorted(map(_key, one)) == sorted(map(_key, loader()))
+        assert sorted(map(_key, loader(0))) == sorted(map(_key, loader()))
 
     straight = loader()
     straight.set_epoch(2)
@@ -144,7 +152,7 @@ def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
     it = iter(interrupted)
     head = [torch.stack(next(it)) for _ in range(9)]
     state = interrupted.state_dict()
-    assert state == {"epoch": 2, "batches_done": 9, "num_workers": num_workers}
+    assert state == {"epoch": 2, "batches_done": 9, "num_workers": num_workers, "pair_shuffle": pair_shuffle}
     resumed = loader()
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
@@ -153,6 +161,42 @@ def test_loader_state_round_trip_gives_the_remaining_batches(num_workers):
     assert all(torch.equal(a, b) for a, b in zip(head + tail, expected))
     resumed.set_epoch(3)
     assert len(list(resumed)) == len(expected), "the resume position applies to its own epoch only"
+
+
+def test_resuming_inside_an_epoch_with_the_other_pair_shuffle_is_refused():
+    needs_compiled_pairs("native")
+    state = {"epoch": 1, "batches_done": 4, "num_workers": 0, "pair_shuffle": "native"}
+    numpy_order = ResumableLoader(SkipGramStream(np.arange(500, dtype=np.int32), 16, 2, pair_shuffle="numpy"))
+    with pytest.raises(ValueError, match="shuffled by native.*--data.pair_shuffle native on a machine with a C"):
+        numpy_order.load_state_dict(state)
+    numpy_order.load_state_dict(state | {"batches_done": 0})  # at an epoch's start the order is free to change
+    native_order = ResumableLoader(SkipGramStream(np.arange(500, dtype=np.int32), 16, 2, pair_shuffle="native"))
+    with pytest.raises(ValueError, match="--data.pair_shuffle numpy"):
+        native_order.load_state_dict({"epoch": 1, "batches_done": 4, "num_workers": 0})  # written before the option
+
+
+def test_compiled_pairs_are_the_numpy_pairs_in_a_random_order_fixed_by_the_seed():
+    needs_compiled_pairs("native")
+    library = native.library()
+    rng = np.random.default_rng(0)
+    tokens = rng.permutation(20000).astype(np.int32)  # one word per position: a pair's center tells its position
+    windows = rng.integers(1, 6, 20000).astype(np.int32)
+    centers, contexts = skipgram_pairs(tokens.astype(np.int64), windows)
+    expected = np.sort((centers << 32) | contexts)
+    shuffled = library.skipgram_pairs(tokens, windows, 7, len(expected))  # ~120k pairs: 8 buckets
+    assert np.array_equal(np.sort(shuffled), expected)
+    assert np.array_equal(shuffled, library.skipgram_pairs(tokens, windows, 7, len(expected)))
+    assert not np.array_equal(shuffled, library.skipgram_pairs(tokens, windows, 8, len(expected)))
+    with pytest.raises(ValueError, match="pairs expected"):
+        library.skipgram_pairs(tokens, windows, 7, len(expected) - 1)
+    # as random as one shuffle of the whole: the pairs of the first 500 positions spread evenly over the output
+    # (not left in their buckets' region), and neighbours are unrelated (not left in window order within one)
+    early = np.flatnonzero(np.isin(shuffled >> 32, tokens[:500]))
+    counts = np.bincount(early * 10 // len(shuffled), minlength=10)
+    expected_counts = np.full(10, counts.sum() / 10)
+    assert ((counts - expected_counts) ** 2 / expected_counts).sum() < 30, counts  # chi2, 9 degrees of freedom
+    rank = np.argsort(np.argsort(shuffled, kind="stable"), kind="stable")  # each pair's place in sorted order
+    assert abs(np.corrcoef(rank[:-1], rank[1:])[0, 1]) < 0.02  # window order: close to 1
 
 
 def test_resuming_with_another_number_of_workers_is_refused():

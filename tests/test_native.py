@@ -1,16 +1,20 @@
-"""The kernel loader (builds once per kernel source, loads a cached build directly) and the kernel's threads."""
+"""The compiled library's loader (builds once per source version, loads a cached build directly), the kernel's threads
+and its own negative draws."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import numpy as np
 import torch
 
 from lm_tying.models.word2vec import native
+from lm_tying.nce import UnigramSampler
 
 
 @pytest.fixture
@@ -28,32 +32,35 @@ def empty_cache(tmp_path, monkeypatch):
 
 
 def needs_compiler():
-    if native.sequential_sgd() is None:
+    if native.library() is None:
         pytest.skip("no C++ compiler here: the kernel cannot be built")
 
 
-def test_the_name_follows_the_source_not_where_it_lies(tmp_path, monkeypatch):
-    """Another checkout of the same source shares the build; an edited source gets a build of its own."""
+def test_the_name_follows_the_sources_not_where_they_lie(tmp_path, monkeypatch):
+    """Another checkout of the same sources shares the build; an edited source or header gets a build of its own."""
     name = native.extension_name()
-    assert name.startswith(f"lm_tying_sequential_sgd_{native._flags()[0]}_")
-    elsewhere = tmp_path / "checkout" / "sequential_sgd.cpp"
-    elsewhere.parent.mkdir()
-    elsewhere.write_bytes(native.SOURCE.read_bytes())
-    monkeypatch.setattr(native, "SOURCE", elsewhere)
+    assert name.startswith(f"lm_tying_word2vec_{native._flags()[0]}_")
+    elsewhere = tmp_path / "checkout" / "csrc"
+    shutil.copytree(native.CSRC, elsewhere)
+    monkeypatch.setattr(native, "CSRC", elsewhere)
+    assert [p.name for p in native.sources()] == ["random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp"]
     assert native.extension_name() == name
-    elsewhere.write_bytes(native.SOURCE.read_bytes() + b"\n// edited\n")
-    assert native.extension_name() != name
+    for source in native.sources():
+        original = source.read_bytes()
+        source.write_bytes(original + b"\n// edited\n")
+        assert native.extension_name() != name, source.name
+        source.write_bytes(original)
 
 
 def test_without_a_build_it_builds_once_says_so_and_loads_the_cache_afterwards(empty_cache, messages, monkeypatch):
     needs_compiler()
-    kernel = native.sequential_sgd.__wrapped__()
+    kernel = native.library.__wrapped__()
     assert kernel is not None and kernel.path == empty_cache / f"{native.extension_name()}.so"
-    assert "building the compiled per-pair kernel" in messages[0] and "kernel built in" in messages[1]
+    assert "building the compiled code" in messages[0] and "compiled code built in" in messages[1]
     assert sorted(p.suffix for p in empty_cache.iterdir()) == [".lock", ".so"]  # no partial file left
     messages.clear()
     monkeypatch.setattr(native, "_build", lambda library: pytest.fail("built again although a build is cached"))
-    assert native.sequential_sgd.__wrapped__() is not None and messages == []
+    assert native.library.__wrapped__() is not None and messages == []
 
 
 def test_a_failed_build_leaves_nothing_and_warns_with_the_compilers_words(empty_cache, tmp_path, monkeypatch):
@@ -62,15 +69,15 @@ def test_a_failed_build_leaves_nothing_and_warns_with_the_compilers_words(empty_
     failing.chmod(0o755)
     monkeypatch.setenv("CXX", str(failing))
     for _ in (1, 2):  # nothing cached: the next run tries again
-        with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*no such header"):
-            assert native.sequential_sgd.__wrapped__() is None
+        with pytest.warns(UserWarning, match="cannot build word2vec.s compiled code.*no such header"):
+            assert native.library.__wrapped__() is None
         assert not list(empty_cache.glob("*.so")) and not list(empty_cache.glob("*.partial"))
 
 
 def test_no_compiler_warns_and_names_what_to_install(empty_cache, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler 'no-such-compiler-here'.*install a C\\+\\+ compiler"):
-        assert native.sequential_sgd.__wrapped__() is None
+        assert native.library.__wrapped__() is None
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -88,7 +95,7 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
     done = run_python("""
         import os, torch
         from lm_tying.models.word2vec import native
-        kernel = native.sequential_sgd()
+        kernel = native.library()
         def train(threads):
             g = torch.Generator().manual_seed(0)
             E, W = torch.randn(500, 16, generator=g) * 0.1, torch.zeros(500, 16)
@@ -120,7 +127,7 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
 
 def test_the_kernel_checks_its_inputs():
     needs_compiler()
-    kernel = native.sequential_sgd()
+    kernel = native.library()
     E, W = torch.zeros(10, 4), torch.zeros(10, 4)
     ids, negatives = torch.arange(6), torch.zeros(2, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="float32"):
@@ -136,3 +143,49 @@ def test_the_kernel_checks_its_inputs():
             kernel.sequential_sgd(E, W, ids, ids, torch.zeros(groups, 3, dtype=torch.int64), 0.1, 1.0, False)
     with pytest.raises(ValueError, match="out of range"):
         kernel.sequential_sgd(E, W, ids, ids + 5, negatives, 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="alias tables must be float64 and int64"):
+        kernel.sequential_sgd(E, W, ids, ids, native.AliasDraws(torch.ones(9).double(), torch.zeros(9).long(), 2, 3, 0),
+                              0.1, 1.0, False)  # fmt: skip
+
+
+def splitmix64(seed: int, i: int) -> int:
+    """The i-th output of SplitMix64's stream of ``seed`` (``csrc/random.h``), in Python integers."""
+    mask = (1 << 64) - 1
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_the_kernels_own_draws_follow_the_sampler_and_depend_on_the_seed_alone():
+    """The alias draws in C++ are nce.UnigramSampler's rule (in float64) on SplitMix64's stream: checked draw by
+    draw against Python, by frequency against p, and the kernel fed its own draws explicitly trains the same."""
+    needs_compiler()
+    library = native.library()
+    sampler = UnigramSampler(40, counts=torch.arange(40.0) ** 2, power=0.75)  # word 0 never drawn
+    accept, alias = sampler.alias_accept, sampler.alias
+    drawn = library.alias_draws(accept, alias, seed=2**63 + 5, count=200, first=1000)
+    for i, word in enumerate(drawn.tolist()):
+        u = (splitmix64(2**63 + 5, 1000 + i) >> 11) * 2.0**-53 * 40
+        k = min(int(u), 39)
+        assert word == (k if u - k < accept[k].item() else alias[k].item())
+    many = library.alias_draws(accept, alias, seed=1, count=400_000).numpy()
+    observed, expected = np.bincount(many, minlength=40)[1:], sampler.probs_table.numpy()[1:] * len(many)
+    assert observed.sum() == len(many)  # zero probability: never drawn
+    assert ((observed - expected) ** 2 / expected).sum() < 39 + 5 * (2 * 39) ** 0.5  # chi2, 38 dof, 5 sigma
+
+    g = torch.Generator().manual_seed(0)
+    E, W = torch.randn(40, 8, generator=g) * 0.3, torch.randn(40, 8, generator=g) * 0.3
+    center, context = torch.randint(1, 40, (2, 301), generator=g)
+    groups, K = 76, 5  # 4 pairs a group, the last one short
+    results = []
+    for negatives in (native.AliasDraws(accept, alias, groups, K, seed=9),
+                      library.alias_draws(accept, alias, seed=9, count=groups * K).view(groups, K)):  # fmt: skip
+        E1, W1 = E.clone(), W.clone()
+        loss = library.sequential_sgd(E1, W1, center, context, negatives, 0.2, 0.8, True, threads=1)
+        results.append((E1, W1, loss))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+    E2, W2 = E.clone(), W.clone()
+    library.sequential_sgd(E2, W2, center, context, native.AliasDraws(accept, alias, groups, K, seed=10), 0.2, 0.8,
+                           True, threads=1)  # fmt: skip
+    assert not torch.equal(W2, results[0][1])

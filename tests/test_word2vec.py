@@ -117,7 +117,7 @@ def sequential_reference(E, W, center, context, negatives, lr, neg_weight, remov
 def test_sequential_kernel_is_per_pair_sgd(remove_hits, dim, num_sampled):
     """One thread: the compiled kernel equals per-pair SGD, pair after pair, incl. its loss. Rows repeat
     within the batch and within a pair's negatives, so one batched update from the old values would not pass."""
-    kernel = native.sequential_sgd()
+    kernel = native.library()
     if kernel is None:
         pytest.skip("no C++ compiler here: the kernel cannot be built (the model falls back, tested below)")
     g = torch.Generator().manual_seed(0)
@@ -136,17 +136,18 @@ def test_sequential_kernel_is_per_pair_sgd(remove_hits, dim, num_sampled):
         kernel.sequential_sgd(E, W, center + 30, context, negatives, 0.3, 0.7, False)
 
 
-def test_without_a_compiler_auto_uses_the_batched_engine_and_sequential_fails_clearly(tmp_path, make_corpus, monkeypatch):
+def test_without_a_compiler_auto_uses_the_batched_engine_and_numpy_pairs_and_sequential_fails_clearly(tmp_path, make_corpus, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     monkeypatch.setenv("LM_TYING_KERNEL_CACHE", str(tmp_path / "kernels"))  # no cached build to load
-    with pytest.warns(UserWarning, match="cannot build the compiled word2vec kernel.*no C\\+\\+ compiler"):
-        assert native.sequential_sgd.__wrapped__() is None  # the uncached builder
-    monkeypatch.setattr(native, "sequential_sgd", lambda: None)  # what a failed build returns
+    with pytest.warns(UserWarning, match="cannot build word2vec.s compiled code.*no C\\+\\+ compiler"):
+        assert native.library.__wrapped__() is None  # the uncached builder
+    monkeypatch.setattr(native, "library", lambda: None)  # what a failed build returns
     corpus = make_corpus(planted_corpus(3000))
     model, trainer, _ = fit(tmp_path, corpus, model_kw=dict(share_negatives=4, output_bias=False),
                             trainer_kw=dict(max_steps=3, max_epochs=None, log_every_n_steps=1))  # fmt: skip
     assert model.engine_choice.update == "batched" and "could not be built" in model.engine_choice.reason
     assert model.engine_choice.update_pairs == 4096  # lr per pair: small updates, whatever the batch
+    assert trainer.train_dataloader.dataset.pair_shuffle == "numpy"  # the pairs too fall back
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     with pytest.raises(EngineError, match="could not be built"):
         fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False),
@@ -215,7 +216,7 @@ def test_threads_while_training_validating_and_after(tmp_path, make_corpus, upda
     """The kernel's threads are its own: torch keeps one while it trains (else torch's idle workers spin on the
     kernel's cores); the other engines train on ``threads`` of torch's; validation's evaluation gets the
     process's threads back, and so does the process after fit."""
-    if update == "sequential" and native.sequential_sgd() is None:
+    if update == "sequential" and native.library() is None:
         pytest.skip("no C++ compiler here: the kernel cannot be built")
     seen: dict[str, set[int]] = {"train": set(), "val": set()}
 
@@ -418,7 +419,7 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda")
     ],
 )
 def test_auto_chooses_the_engine_from_device_strategy_and_settings(kw, device, world, expected):
-    if native.sequential_sgd() is None:
+    if native.library() is None:
         pytest.skip("no C++ compiler here: the kernel cannot be built")
     settings = dict(loss="negative_sampling", output_bias=False, reduction="sum", unique=False, lr=0.05)
     model = small_model(**{**settings, **kw})

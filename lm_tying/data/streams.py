@@ -16,6 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,8 +66,13 @@ class SkipGramStream(IterableDataset):
     The corpus is cut into chunks of ``chunk_tokens``; in each epoch every chunk is subsampled,
     given random windows and turned into pairs with its own random generator (seeded by seed, epoch
     and chunk), its pairs shuffled, and the chunks visited in a shuffled order. Any batch can so be
-    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap. Chunks of
-    2^18 tokens would shuffle twice as fast (in the CPU's cache) but cost SimLex-999 ~0.014 (benchmarks/README.md).
+    rebuilt from its chunk alone, which is what makes mid-epoch resume and DDP sharding cheap. Shuffling
+    within smaller chunks (2^18 tokens) cost SimLex-999 ~0.014 (benchmarks/README.md).
+
+    ``pair_shuffle``: ``native`` generates and shuffles a chunk's pairs in word2vec's compiled code (a bucketed
+    shuffle that stays in the CPU's caches, ~10x numpy's speed); ``numpy`` in numpy; ``auto`` (default) the
+    compiled code where it builds. The two give different (equally random) orders, so a run resumes with the
+    one it started with (``ResumableLoader`` checks).
 
     An epoch has a fixed number of pairs (that of epoch 0), so Lightning sees the same length every
     epoch; other epochs draw slightly more or fewer pairs and are cut, or wrapped, to that number.
@@ -84,6 +90,7 @@ class SkipGramStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         chunk_tokens: int = 1 << 20,
+        pair_shuffle: Literal["auto", "native", "numpy"] = "auto",
     ):
         if window < 1:
             raise ValueError(f"window={window}: it must be at least 1")
@@ -99,6 +106,8 @@ class SkipGramStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.chunk_tokens = chunk_tokens
+        self.native = _native_pairs(pair_shuffle) if shuffle else None
+        self.pair_shuffle = "native" if self.native is not None else "numpy"
         self.num_chunks = max(1, math.ceil(len(tokens) / chunk_tokens))
         self.epoch, self.start = 0, 0
         self.pairs_per_epoch = int(self._chunk_sizes(0).sum())
@@ -183,11 +192,7 @@ class SkipGramStream(IterableDataset):
         rngs = self._rngs(epoch)
         sizes = np.zeros(self.num_chunks, dtype=np.int64)
         for chunk in range(self.num_chunks):
-            tokens, windows = self._subsample_and_windows(rngs[chunk], chunk)
-            position = np.arange(len(tokens))
-            before = np.minimum(windows, position)
-            after = np.minimum(windows, len(tokens) - 1 - position)
-            sizes[chunk] = int(before.sum() + after.sum())
+            sizes[chunk] = _pair_count(self._subsample_and_windows(rngs[chunk], chunk)[1])
         return sizes
 
     def _chunk_pairs(self, epoch: int, chunk: int) -> np.ndarray:
@@ -195,11 +200,33 @@ class SkipGramStream(IterableDataset):
         place moves half the memory a permutation and two gathers do (the data's main cost per epoch)."""
         rng = self._rngs(epoch)[chunk]
         tokens, windows = self._subsample_and_windows(rng, chunk)
+        if self.native is not None:
+            return self.native.skipgram_pairs(tokens, windows, int(rng.integers(2**63)), _pair_count(windows))
         centers, contexts = skipgram_pairs(tokens.astype(np.int64), windows)
         pairs = (centers << 32) | contexts
         if self.shuffle:
             rng.shuffle(pairs)
         return pairs
+
+
+def _pair_count(windows: np.ndarray) -> int:
+    """How many pairs positions with these windows give (a window is cut at the ends of the sequence)."""
+    position = np.arange(len(windows))
+    return int(np.minimum(windows, position).sum() + np.minimum(windows, len(windows) - 1 - position).sum())
+
+
+def _native_pairs(pair_shuffle: str):
+    """word2vec's compiled library for ``pair_shuffle`` (None: numpy); ``native`` without a compiler raises."""
+    if pair_shuffle not in ("auto", "native", "numpy"):
+        raise ValueError(f"pair_shuffle={pair_shuffle!r}: expected 'auto', 'native' or 'numpy'")
+    if pair_shuffle == "numpy":
+        return None
+    from lm_tying.models.word2vec import native  # (the model package imports this module)
+
+    library = native.library()
+    if library is None and pair_shuffle == "native":
+        raise RuntimeError("pair_shuffle='native': the compiled code could not be built (see the warning above)")
+    return library
 
 
 class LanguageModelStream(IterableDataset):
@@ -379,15 +406,27 @@ class ResumableLoader(DataLoader):
         finally:
             _stop_workers(batches)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         epoch, done = self._position() if self._position else (self._epoch, self._handed_out)
-        return {"epoch": epoch, "batches_done": done, "num_workers": self.num_workers}
+        state: dict[str, Any] = {"epoch": epoch, "batches_done": done, "num_workers": self.num_workers}
+        if isinstance(self.dataset, SkipGramStream):
+            state["pair_shuffle"] = self.dataset.pair_shuffle
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        saved_workers = state.get("num_workers", self.num_workers)
-        if isinstance(self.dataset, SkipGramStream) and max(saved_workers, 1) != max(self.num_workers, 1):
-            raise ValueError(
-                f"this checkpoint was written with data num_workers={saved_workers}, which fixes the order of "
-                f"the skip-gram batches; resume with --data.num_workers {saved_workers} to continue the same run"
-            )
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(self.dataset, SkipGramStream):
+            saved_workers = state.get("num_workers", self.num_workers)
+            if max(saved_workers, 1) != max(self.num_workers, 1):
+                raise ValueError(
+                    f"this checkpoint was written with data num_workers={saved_workers}, which fixes the order of "
+                    f"the skip-gram batches; resume with --data.num_workers {saved_workers} to continue the same run"
+                )
+            saved_shuffle = state.get("pair_shuffle", "numpy")  # checkpoints from before the compiled shuffle
+            if saved_shuffle != self.dataset.pair_shuffle and state["batches_done"] > 0:
+                raise ValueError(
+                    f"this checkpoint stopped inside an epoch whose pairs were shuffled by {saved_shuffle}, but this "
+                    f"run shuffles them by {self.dataset.pair_shuffle} (another order: pairs would be repeated and "
+                    f"missed); resume with --data.pair_shuffle {saved_shuffle}"
+                    + (" on a machine with a C++ compiler" if saved_shuffle == "native" else "")
+                )
         self._resume = (state["epoch"], state["batches_done"])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lm_tying.models.word2vec import native
-from lm_tying.nce import accidental_hits
+from lm_tying.nce import UnigramSampler, accidental_hits
 
 if TYPE_CHECKING:
     from lm_tying.models.word2vec.model import Word2Vec
@@ -90,7 +90,7 @@ def choose_engine(hparams: dict[str, Any], device: torch.device, world_size: int
             update, reason = "batched", f"on {device.type} (the per-pair kernel is CPU-only)"
         elif sequential_requirements(h):
             update, reason = "batched", "per-pair kernel needs " + ", ".join(sequential_requirements(h))
-        elif native.sequential_sgd() is None:
+        elif native.library() is None:
             update, reason = "batched", "the per-pair kernel could not be built (see the warning above)"
         else:
             update, reason = "sequential", "CPU, per-pair SGD in the compiled kernel"
@@ -106,7 +106,7 @@ def choose_engine(hparams: dict[str, Any], device: torch.device, world_size: int
             missing = sequential_requirements(h)
             if missing:
                 raise EngineError("update='sequential' (the per-pair kernel) needs " + ", ".join(missing))
-            if native.sequential_sgd() is None:
+            if native.library() is None:
                 raise EngineError(
                     "update='sequential': the compiled kernel could not be built (see the warning above); "
                     "install a C++ compiler (or set CXX), or use update: batched"
@@ -172,7 +172,7 @@ class SequentialEngine(Engine):
 
     def __init__(self, model: Word2Vec, update_pairs: int | None, threads: int) -> None:
         super().__init__(model, update_pairs)
-        module = native.sequential_sgd()
+        module = native.library()
         if module is None:
             raise EngineError("the compiled per-pair kernel could not be built (see the warning above)")
         self.kernel = module.sequential_sgd
@@ -181,13 +181,22 @@ class SequentialEngine(Engine):
     @torch.no_grad()
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
         m, h = self.model, self.model.hparams
-        sampled = m.sample_negatives(context, generator).sampled
-        negatives = sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
         loss = self.kernel(
-            m.embedding, m.output_weight, center, context, negatives, lr, h.negative_weight, h.remove_accidental_hits,
-            self.threads,
-        )
+            m.embedding, m.output_weight, center, context, self.negatives(center.numel(), context, generator), lr,
+            h.negative_weight, h.remove_accidental_hits, self.threads,
+        )  # fmt: skip
         return loss.float() / center.numel()
+
+    def negatives(self, pairs: int, context: Tensor, generator: torch.Generator | None) -> Tensor | native.AliasDraws:
+        """Grouped draws from the unigram sampler are made by the kernel, from a seed drawn from torch's generator (so
+        the checkpointed RNG state fixes them); other draws (one shared by the batch, log-uniform) by the sampler."""
+        m, h = self.model, self.model.hparams
+        if h.share_negatives is not None and isinstance(m.sampler, UnigramSampler):
+            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+            groups = -(-pairs // h.share_negatives)
+            return native.AliasDraws(m.sampler.alias_accept, m.sampler.alias, groups, h.num_sampled, seed)
+        sampled = m.sample_negatives(context, generator).sampled
+        return sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
 
 
 class BatchedEngine(Engine):

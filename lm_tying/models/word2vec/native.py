@@ -1,13 +1,15 @@
-"""The compiled per-pair SGD kernel (``csrc/sequential_sgd.cpp``), built on first use and called through ctypes.
+"""word2vec's compiled CPU code (``csrc/``), built on first use and called through ctypes.
 
-The kernel is plain C++ with a C interface (no torch headers), so the system's C++ compiler builds it in
-a second or two: no ninja, no build step to plan for. The library is cached in :func:`cache_dir` under a
-name made of the CPU flags and a hash of the source and the flags (:func:`extension_name`): a changed
-``.cpp`` builds anew, and checkouts of the same source share one build. The compiler writes to a temporary
-file that is renamed into place, so a library under its final name is always complete, and a build killed
-part-way leaves nothing a later run would load. Builds are serialised with an OS lock that dies with its
-process. ``python -m lm_tying.models.word2vec`` builds it ahead of time and prints how long that took.
-Where the kernel cannot be built (no compiler), :func:`sequential_sgd` returns None with a warning.
+One library holds the per-pair SGD kernel (``csrc/sequential_sgd.cpp``, the sequential engine, with its
+negatives drawn inside it) and the skip-gram pair generator of the data pipeline (``csrc/skipgram_pairs.cpp``).
+Plain C++ with a C interface (no torch headers), so the system's C++ compiler builds it in a second or two:
+no ninja, no build step to plan for. The library is cached in :func:`cache_dir` under a name made of the CPU
+flags and a hash of the sources and the flags (:func:`extension_name`): a changed source builds anew, and
+checkouts of the same sources share one build. The compiler writes to a temporary file that is renamed into
+place, so a library under its final name is always complete, and a build killed part-way leaves nothing a
+later run would load. Builds are serialised with an OS lock that dies with its process. ``python -m
+lm_tying.models.word2vec`` builds it ahead of time and prints how long that took. Where it cannot be built
+(no compiler), :func:`library` returns None with a warning, and its users fall back to torch and numpy.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ import subprocess
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "sequential_sgd.cpp"
+CSRC = Path(__file__).with_name("csrc")
+
+
+def sources() -> list[Path]:
+    """The library's files: its ``.cpp`` files (compiled) and the headers they include."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
 
 
 def _flags() -> tuple[str, list[str]]:
@@ -50,12 +60,14 @@ def compiler() -> str:
 
 
 def extension_name() -> str:
-    """``lm_tying_sequential_sgd_<cpu>_<hash>``: the hash covers the source, the compiler and its flags, so
-    that a cached library is only ever loaded by the code it was built from."""
+    """``lm_tying_word2vec_<cpu>_<hash>``: the hash covers the sources (names and contents), the compiler and its
+    flags, so that a cached library is only ever loaded by the code it was built from."""
     suffix, flags = _flags()
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for path in sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(" ".join([compiler(), *flags]).encode())
-    return f"lm_tying_sequential_sgd_{suffix}_{digest.hexdigest()[:12]}"
+    return f"lm_tying_word2vec_{suffix}_{digest.hexdigest()[:12]}"
 
 
 def cache_dir() -> Path:
@@ -66,17 +78,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lm_tying" / "kernels"
 
 
-class SequentialKernel:
-    """The loaded library, with a tensor-checking front to its one function."""
+@dataclass(frozen=True)
+class AliasDraws:
+    """Negatives the kernel draws itself: ``groups`` draws of ``num_sampled`` from the alias tables ``accept``
+    (float64 ``[V]``) and ``alias`` (int64 ``[V]``) of :class:`lm_tying.nce.UnigramSampler`, from the stream of
+    ``seed`` (draw ``g * num_sampled + k`` is group ``g``'s ``k``-th negative; see :meth:`Library.alias_draws`)."""
+
+    accept: Tensor
+    alias: Tensor
+    groups: int
+    num_sampled: int
+    seed: int
+
+
+class Library:
+    """The loaded library, with tensor-checking fronts to its functions."""
 
     def __init__(self, library_path: Path) -> None:
         self.path = library_path
-        fn = ctypes.CDLL(str(library_path)).sequential_sgd  # a CDLL call releases the GIL
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, ctypes.c_float, ctypes.c_float,
-                       ctypes.c_int, ctypes.c_int, ptr]  # fmt: skip
-        fn.restype = None
-        self._fn = fn
+        lib = ctypes.CDLL(str(library_path))  # a CDLL call releases the GIL
+        i64, u64, ptr, f32 = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_float
+        lib.sequential_sgd.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, u64, i64, i64, f32, f32,
+                                       ctypes.c_int, ctypes.c_int, ptr]  # fmt: skip
+        lib.sequential_sgd.restype = None
+        lib.alias_draws.argtypes = [ptr, ptr, i64, u64, i64, i64, ptr]
+        lib.alias_draws.restype = None
+        lib.skipgram_pairs.argtypes = [ptr, ptr, i64, u64, ptr, i64]
+        lib.skipgram_pairs.restype = i64
+        self._lib = lib
 
     def sequential_sgd(
         self,
@@ -84,15 +113,15 @@ class SequentialKernel:
         output_weight: Tensor,
         center: Tensor,
         context: Tensor,
-        negatives: Tensor,
+        negatives: Tensor | AliasDraws,
         lr: float,
         neg_weight: float,
         remove_accidental_hits: bool,
         threads: int | None = None,
     ) -> Tensor:
-        """Per-pair SGD of ``(center, context)`` pairs with the ``[groups, K]`` ``negatives`` shared by consecutive
-        groups of pairs, on the tables in place; returns the pairs' summed loss (float64 scalar). ``threads``:
-        torch's intra-op thread count when None."""
+        """Per-pair SGD of ``(center, context)`` pairs with negatives shared by consecutive groups of pairs (given,
+        ``[groups, K]``, or drawn by the kernel), on the tables in place; returns the pairs' summed loss (float64
+        scalar). ``threads``: torch's intra-op thread count when None."""
         E, W = embedding.data, output_weight.data
         if E.device.type != "cpu" or W.device.type != "cpu":
             raise ValueError("the per-pair kernel runs on CPU tables")
@@ -100,10 +129,13 @@ class SequentialKernel:
             raise ValueError("the per-pair kernel's tables must be float32")
         if not (E.is_contiguous() and W.is_contiguous()) or E.shape != W.shape or E.dim() != 2:
             raise ValueError("the per-pair kernel's tables must be contiguous [V, D] tables of the same shape")
-        if any(t.dtype != torch.int64 for t in (center, context, negatives)) or negatives.dim() != 2:
+        drawn = isinstance(negatives, AliasDraws)
+        if any(t.dtype != torch.int64 for t in (center, context)) or (not drawn and (
+                negatives.dtype != torch.int64 or negatives.dim() != 2)):  # fmt: skip
             raise ValueError("center and context must be int64 [B], negatives int64 [groups, K]")
-        center, context, negatives = center.contiguous(), context.contiguous(), negatives.contiguous()
-        B, (n, K), (V, D) = center.numel(), negatives.shape, E.shape
+        center, context = center.contiguous(), context.contiguous()
+        B, (V, D) = center.numel(), E.shape
+        n, K = (negatives.groups, negatives.num_sampled) if drawn else negatives.shape
         if context.numel() != B:
             raise ValueError(f"center ({B}) and context ({context.numel()}) differ in length")
         group_loss = torch.zeros(n, dtype=torch.float64)
@@ -111,29 +143,68 @@ class SequentialKernel:
             return group_loss.sum()
         if n < 1 or (n - 1) * -(-B // n) >= B:
             raise ValueError(f"negatives has {n} groups: a batch of {B} pairs fills between 1 and {B}")
-        for ids in (center, context, negatives):
+        for ids in (center, context) if drawn else (center, context, negatives):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
                 raise ValueError(f"word id out of range: the tables have {V} rows")
-        self._fn(E.data_ptr(), W.data_ptr(), D, center.data_ptr(), context.data_ptr(), B, negatives.data_ptr(),
-                 n, K, lr, neg_weight, int(remove_accidental_hits), threads or torch.get_num_threads(),
-                 group_loss.data_ptr())  # fmt: skip
+        if drawn:
+            accept, alias = self._alias_tables(negatives.accept, negatives.alias, V)
+            given, seed = None, negatives.seed
+        else:
+            negatives = negatives.contiguous()
+            accept = alias = None
+            given, seed = negatives.data_ptr(), 0
+        self._lib.sequential_sgd(
+            E.data_ptr(), W.data_ptr(), D, center.data_ptr(), context.data_ptr(), B, given,
+            None if accept is None else accept.data_ptr(), None if alias is None else alias.data_ptr(), V, seed, n, K,
+            lr, neg_weight, int(remove_accidental_hits), threads or torch.get_num_threads(), group_loss.data_ptr(),
+        )  # fmt: skip
         return group_loss.sum()
+
+    def alias_draws(self, accept: Tensor, alias: Tensor, seed: int, count: int, first: int = 0) -> Tensor:
+        """Draws ``first ... first + count - 1`` of the stream of ``seed`` from the alias tables, as the kernel
+        draws its negatives."""
+        accept, alias = self._alias_tables(accept, alias, accept.numel())
+        out = torch.empty(count, dtype=torch.int64)
+        self._lib.alias_draws(accept.data_ptr(), alias.data_ptr(), accept.numel(), seed, first, count, out.data_ptr())
+        return out
+
+    def skipgram_pairs(self, tokens: np.ndarray, windows: np.ndarray, seed: int, count: int) -> np.ndarray:
+        """The ``count`` skip-gram pairs of ``tokens`` (each position with the ``windows[i]`` positions on either
+        side), packed as ``center << 32 | context`` into int64, in a uniformly random order fixed by ``seed``."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        windows = np.ascontiguousarray(windows, dtype=np.int32)
+        if tokens.shape != windows.shape or tokens.ndim != 1:
+            raise ValueError("tokens and windows must be 1-d arrays of the same length")
+        out = np.empty(count, dtype=np.int64)
+        written = self._lib.skipgram_pairs(tokens.ctypes.data, windows.ctypes.data, len(tokens), seed,
+                                           out.ctypes.data, count)  # fmt: skip
+        if written != count:
+            raise ValueError(f"{count} pairs expected, but the tokens and windows give another number")
+        return out
+
+    @staticmethod
+    def _alias_tables(accept: Tensor, alias: Tensor, V: int) -> tuple[Tensor, Tensor]:
+        if accept.shape != (V,) or alias.shape != (V,) or accept.dtype != torch.float64 or alias.dtype != torch.int64:
+            raise ValueError(f"the alias tables must be float64 and int64 [{V}], one entry per table row")
+        if accept.device.type != "cpu" or alias.device.type != "cpu":
+            raise ValueError("the alias tables must be on the CPU")
+        return accept.contiguous(), alias.contiguous()
 
 
 @functools.cache
-def sequential_sgd() -> SequentialKernel | None:
-    """The kernel of ``csrc/sequential_sgd.cpp``, built if no build is cached; None if it cannot be built."""
-    library = cache_dir() / f"{extension_name()}.so"
+def library() -> Library | None:
+    """The library of ``csrc/``, built if no build is cached; None if it cannot be built."""
+    path = cache_dir() / f"{extension_name()}.so"
     try:
-        if not library.exists():
-            with _build_lock(library.with_suffix(".lock")):
-                if not library.exists():  # another process may have built it while we waited
-                    _build(library)
-        return SequentialKernel(library)
+        if not path.exists():
+            with _build_lock(path.with_suffix(".lock")):
+                if not path.exists():  # another process may have built it while we waited
+                    _build(path)
+        return Library(path)
     except Exception as err:  # no compiler, a read-only cache, ...
         warnings.warn(
-            f"cannot build the compiled word2vec kernel ({type(err).__name__}: {err}); install a C++ compiler "
-            f"(or set CXX) to use it, or delete {library} if a damaged build is left there.",
+            f"cannot build word2vec's compiled code ({type(err).__name__}: {err}); install a C++ compiler "
+            f"(or set CXX) to use it, or delete {path} if a damaged build is left there.",
             stacklevel=2,
         )
         return None
@@ -144,18 +215,18 @@ def _build(library: Path) -> None:
     cxx = compiler()
     if shutil.which(cxx) is None:
         raise FileNotFoundError(f"no C++ compiler {cxx!r} on PATH")
-    rank_zero_info(f"Word2Vec: building the compiled per-pair kernel into {library} (once per kernel source)")
+    rank_zero_info(f"Word2Vec: building the compiled code into {library} (once per source version)")
     start = time.perf_counter()
     fd, partial = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".partial")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *_flags()[1], str(SOURCE), "-o", partial], capture_output=True, text=True)
+        done = subprocess.run([cxx, *_flags()[1], *[str(f) for f in sources() if f.suffix == ".cpp"], "-o", partial], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(partial, library)
     finally:
         Path(partial).unlink(missing_ok=True)
-    rank_zero_info(f"Word2Vec: kernel built in {time.perf_counter() - start:.1f} s")
+    rank_zero_info(f"Word2Vec: compiled code built in {time.perf_counter() - start:.1f} s")
 
 
 class _build_lock:

@@ -19,6 +19,9 @@
 // (Hogwild!, as word2vec C and gensim): with one thread the result is exactly the sequential one, with more
 // a row hit by two threads at once may lose an update.
 //
+// The negatives are the caller's, or drawn here from the sampler's alias tables, group after group from one
+// counter-based stream (random.h): the draws depend on the seed alone, not on the threads.
+//
 // Plain C++ with a C interface (called through ctypes): no torch headers, so it builds in a second or two.
 
 #include <unistd.h>
@@ -32,6 +35,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "random.h"
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -176,6 +181,10 @@ struct Problem {
   float* W;
   int64_t D, B, n, K, G;
   const int64_t *center, *context, *negatives;
+  const double* accept;  // the alias tables, when the negatives are drawn here
+  const int64_t* alias;
+  int64_t V;
+  uint64_t seed;
   float rate, neg_weight;
   bool remove_accidental_hits;
 };
@@ -225,15 +234,17 @@ inline void train_pair(const Problem& P, int64_t p, const int64_t* negs, std::ve
 
 // embedding, output_weight: [V, D] float32, contiguous, updated in place; center, context: [B] int64;
 // negatives: [n, K] int64, shared by consecutive groups of G = ceil(B / n) pairs; every id < V (the caller
-// checks). remove_accidental_hits skips a negative equal to the pair's context (as if its logit were -inf).
-// Writes the summed loss of each group's pairs (each before its own update) to group_loss [n].
+// checks); or null: group g's K negatives are then draws g * K ... g * K + K - 1 of the stream of `seed`
+// from the alias tables accept [V] (float64), alias [V] (see alias_draws). remove_accidental_hits skips a
+// negative equal to the pair's context (as if its logit were -inf). Writes the summed loss of each group's
+// pairs (each before its own update) to group_loss [n].
 extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D, const int64_t* center,
-                               const int64_t* context, int64_t B, const int64_t* negatives, int64_t n, int64_t K,
-                               float lr, float neg_weight, int remove_accidental_hits, int threads,
-                               double* group_loss) {
+                               const int64_t* context, int64_t B, const int64_t* negatives, const double* accept,
+                               const int64_t* alias, int64_t V, uint64_t seed, int64_t n, int64_t K, float lr,
+                               float neg_weight, int remove_accidental_hits, int threads, double* group_loss) {
   if (B == 0) return;
-  const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
-                  neg_weight, remove_accidental_hits != 0};
+  const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, accept,
+                  alias, V, seed, lr, neg_weight, remove_accidental_hits != 0};
   // Threads take chunks of groups from a shared counter rather than a fixed share each: on a VM whose
   // vCPUs get descheduled a static split makes the whole call wait for the slowest thread.
   const int64_t chunk = std::max<int64_t>(1, 256 / P.G), chunks = (n + chunk - 1) / chunk;
@@ -242,12 +253,21 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
     FlushDenormals flush;
     std::vector<float*> rows(K + 1);
     std::vector<float> s(K + 1), g(K + 1), x_in(D);
+    std::vector<int64_t> drawn(2 * K);  // this group's and the next group's draws
+    auto group_negatives = [&](int64_t grp) -> const int64_t* {
+      if (negatives != nullptr) return negatives + grp * K;
+      int64_t* out = drawn.data() + (grp & 1) * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = lm_tying::alias_draw(lm_tying::splitmix64(seed, grp * K + k), accept, alias, V);
+      return out;
+    };
     for (int64_t taken = next++; taken < chunks; taken = next++) {
       const int64_t begin = taken * chunk, end = std::min(n, begin + chunk);
+      const int64_t* upcoming = group_negatives(begin);
       for (int64_t grp = begin; grp < end; ++grp) {
-        const int64_t* negs = negatives + grp * K;
+        const int64_t* negs = upcoming;
         if (grp + 1 < end) {
-          for (int64_t k = 0; k < K; ++k) prefetch_row(output_weight + negs[K + k] * D, D);
+          upcoming = group_negatives(grp + 1);
+          for (int64_t k = 0; k < K; ++k) prefetch_row(output_weight + upcoming[k] * D, D);
         }
         double linear = 0.0, true_factors = 1.0, neg_factors = 1.0;  // loss = linear + log(factors)
         const int64_t last = std::min(B, (grp + 1) * P.G);
@@ -269,4 +289,11 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
   static std::mutex one_call_at_a_time;  // the pool serves one call; callers on other threads wait their turn
   std::lock_guard<std::mutex> lock(one_call_at_a_time);
   pool().run(std::max(threads, 1), work);
+}
+
+// out[i] = draw first + i of the stream of `seed` from the alias tables accept [V], alias [V], for i < count:
+// the kernel's negatives for group g are draws g * K ... g * K + K - 1 (exposed to test and show them).
+extern "C" void alias_draws(const double* accept, const int64_t* alias, int64_t V, uint64_t seed, int64_t first,
+                            int64_t count, int64_t* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = lm_tying::alias_draw(lm_tying::splitmix64(seed, first + i), accept, alias, V);
 }
