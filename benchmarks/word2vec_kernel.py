@@ -3,9 +3,9 @@
     python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --rounds 4
 
 The pairs are the first ``--pairs`` of ``configs/word2vec.yaml``'s training stream (shuffled skip-gram pairs
-of text8-head, subsampled, dynamic window 5) with its negatives (6 drawn per 4 pairs from unigram^0.75, weight
-5/6); the kernel trains them in the config's 131,072-pair calls from word2vec's initialisation, as training
-does, with no data loading or sampling in the timed part. Thread counts alternate within each round, so a busy
+of text8-head, subsampled, dynamic window 5); the kernel trains them in the config's 131,072-pair calls from
+word2vec's initialisation with its negatives (``--num_sampled``, 5, drawn by the kernel per ``--share``, 4,
+pairs from unigram^0.75, each weighted 5 / num_sampled), as training does, with no data loading in the timed part. Thread counts alternate within each round, so a busy
 spell of the machine spreads over all of them; the median over rounds is printed with the range.
 """
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lm_tying.data import Text8DataModule  # noqa: E402
-from lm_tying.models.word2vec import native  # noqa: E402
+from lm_tying import native  # noqa: E402
 from lm_tying.nce import UnigramSampler  # noqa: E402
 
 
@@ -35,11 +35,13 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=8_000_000)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--num_sampled", type=int, nargs="+", default=[5], help="negatives per group (several: compared)")
+    p.add_argument("--share", type=int, default=4, help="pairs sharing one group of negatives")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "lm_tying_bench"))
     args = p.parse_args()
 
-    kernel = native.library()
-    if kernel is None:
+    library = native.library()
+    if library is None:
         raise SystemExit("the kernel cannot be built here (no C++ compiler)")
     dm = Text8DataModule(path=args.corpus, data_dir=args.data_dir, vocab_size=50000, min_count=5, mode="skipgram",
                          batch_size=131072, window=5, subsample=1e-3, drop_unk=True)  # fmt: skip
@@ -53,23 +55,23 @@ def main() -> None:
             break
     V, D = dm.num_words, 128
     sampler = UnigramSampler(V, counts=dm.word_counts, power=0.75)
-    generator = torch.Generator().manual_seed(0)
-    negatives = [sampler.draw(-(-c.numel() // 4) * 6, generator=generator).view(-1, 6) for c, _ in batches]
     torch.set_num_threads(1)  # as in training: the kernel's threads are its own
     print(f"{total / 1e6:.1f}M pairs of {Path(args.corpus).name}, vocabulary {V}, dim {D}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
-    rates: dict[int, list[float]] = {t: [] for t in args.threads}
+    settings = [(k, t) for k in args.num_sampled for t in args.threads]
+    rates: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
     for _ in range(args.rounds):
-        for threads in args.threads:
+        for K, threads in settings:
             torch.manual_seed(0)
             E, W = (torch.rand(V, D) - 0.5) / D, torch.zeros(V, D)
             start = time.perf_counter()
-            for (center, context), negs in zip(batches, negatives):
-                kernel.sequential_sgd(E, W, center, context, negs, 0.025, 5 / 6, False, threads=threads)
-            rates[threads].append(total / (time.perf_counter() - start))
-    for threads, r in rates.items():
-        print(f"{threads} thread(s): median {statistics.median(r) / 1e6:.2f}M pairs/s "
-              f"(rounds {', '.join(f'{x / 1e6:.2f}' for x in r)})")  # fmt: skip
+            for seed, (center, context) in enumerate(batches):
+                draws = native.AliasDraws(sampler.alias_accept, sampler.alias, -(-center.numel() // args.share), K, seed)
+                library.sequential_sgd(E, W, center, context, draws, 0.025, 5 / K, False, threads=threads)
+            rates[K, threads].append(total / (time.perf_counter() - start))
+    for (K, threads), r in rates.items():
+        print(f"{K} negatives per {args.share} pairs, {threads} thread(s): median {statistics.median(r) / 1e6:.2f}M "
+              f"pairs/s (rounds {', '.join(f'{x / 1e6:.2f}' for x in r)})")  # fmt: skip
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -336,6 +336,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(_export_main(args[1:]))
         if command == "generate":
             sys.exit(_generate_main(args[1:]))
+        if _names_word2vec(args):
+            from lm_tying import native
+
+            native.build_in_background()  # a first run compiles while Lightning is imported (~2 s)
         from lm_tying._lightning_cli import LmTyingCLI
 
         LmTyingCLI(args=None if argv is None else args)
@@ -347,6 +351,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         _exit_for(e, command)
     finally:
         _end_process_group()
+
+
+def _names_word2vec(args: list[str]) -> bool:
+    """Whether a command's arguments or its ``--config`` files name the word2vec model (a quick look, before the
+    parsers exist: a miss only means the compiled code is built later, when the data or the model asks for it)."""
+    if args[:1] not in (["fit"], ["validate"], ["test"], ["predict"]):
+        return False
+    texts = list(args)
+    for flag, value in zip(args, args[1:]):
+        if flag == "--config" and Path(value).is_file():
+            texts.append(Path(value).read_text(errors="replace"))
+    for arg in args:
+        if arg.startswith("--config=") and Path(arg.split("=", 1)[1]).is_file():
+            texts.append(Path(arg.split("=", 1)[1]).read_text(errors="replace"))
+    return any("Word2Vec" in text or "lm_tying.models.word2vec" in text for text in texts)
 
 
 def _end_process_group() -> None:

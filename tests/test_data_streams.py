@@ -17,7 +17,7 @@ import torch
 
 from lm_tying.data import LanguageModelStream, ResumableLoader, SkipGramStream, Text8DataModule
 from lm_tying.data.streams import keep_probabilities, skipgram_pairs
-from lm_tying.models.word2vec import native
+from lm_tying import native
 
 REPO = Path(__file__).resolve().parents[1]
 

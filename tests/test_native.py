@@ -8,12 +8,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
-from lm_tying.models.word2vec import native
+from lm_tying import native
 from lm_tying.nce import UnigramSampler
 
 
@@ -21,7 +22,7 @@ from lm_tying.nce import UnigramSampler
 def messages(monkeypatch):
     """What the loader tells the user (its rank-zero info lines)."""
     said: list[str] = []
-    monkeypatch.setattr(native, "rank_zero_info", said.append)
+    monkeypatch.setattr(native, "_say", said.append)
     return said
 
 
@@ -94,7 +95,7 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
     needs_compiler()
     done = run_python("""
         import os, torch
-        from lm_tying.models.word2vec import native
+        from lm_tying import native
         kernel = native.library()
         def train(threads):
             g = torch.Generator().manual_seed(0)
@@ -189,3 +190,27 @@ def test_the_kernels_own_draws_follow_the_sampler_and_depend_on_the_seed_alone()
     library.sequential_sgd(E2, W2, center, context, native.AliasDraws(accept, alias, groups, K, seed=10), 0.2, 0.8,
                            True, threads=1)  # fmt: skip
     assert not torch.equal(W2, results[0][1])
+
+
+def test_a_build_started_in_the_background_is_waited_for_and_not_repeated(empty_cache, messages, monkeypatch):
+    needs_compiler()
+    monkeypatch.setattr(native, "_builder", None)
+    native.build_in_background()
+    assert native._builder is not None
+    assert native.library.__wrapped__() is not None  # waits for the thread, then loads its build
+    assert not native._builder.is_alive() and sum("building" in m for m in messages) == 1, messages
+    monkeypatch.setattr(native, "_builder", None)
+    native.build_in_background()
+    assert native._builder is None, "a cached build starts nothing"
+
+
+def test_the_cli_starts_the_build_only_for_word2vec_commands():
+    from lm_tying.cli import _names_word2vec
+
+    repo = Path(__file__).resolve().parents[1]
+    assert _names_word2vec(["fit", "--config", str(repo / "configs" / "word2vec.yaml")])
+    assert _names_word2vec(["test", f"--config={repo / 'configs' / 'word2vec_cs20.yaml'}"])
+    assert _names_word2vec(["fit", "--model", "lm_tying.models.word2vec.Word2Vec", "--data.path", "x"])
+    for name in ("lstm_lm.yaml", "lstm_lm_from_word2vec.yaml"):
+        assert not _names_word2vec(["fit", "--config", str(repo / "configs" / name)])
+    assert not _names_word2vec(["export", "--ckpt_path", "checkpoints/word2vec/last.ckpt", "--output", "v.bin"])

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from lm_tying.data import Text8DataModule
-from lm_tying.models.word2vec import Word2Vec, native
+from lm_tying import native
+from lm_tying.models.word2vec import Word2Vec
 from lm_tying.models.word2vec.engines import BatchedEngine, EngineError, LearningRateHolder, choose_engine
 
 ROOT = Path(__file__).resolve().parents[1]

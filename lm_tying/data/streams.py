@@ -70,7 +70,7 @@ class SkipGramStream(IterableDataset):
     within smaller chunks (2^18 tokens) cost SimLex-999 ~0.014 (benchmarks/README.md).
 
     ``pair_shuffle``: ``native`` generates and shuffles a chunk's pairs in word2vec's compiled code (a bucketed
-    shuffle that stays in the CPU's caches, ~10x numpy's speed); ``numpy`` in numpy; ``auto`` (default) the
+    shuffle that stays in the CPU's caches, ~5x faster); ``numpy`` in numpy; ``auto`` (default) the
     compiled code where it builds. The two give different (equally random) orders, so a run resumes with the
     one it started with (``ResumableLoader`` checks).
 
@@ -221,7 +221,7 @@ def _native_pairs(pair_shuffle: str):
         raise ValueError(f"pair_shuffle={pair_shuffle!r}: expected 'auto', 'native' or 'numpy'")
     if pair_shuffle == "numpy":
         return None
-    from lm_tying.models.word2vec import native  # (the model package imports this module)
+    from lm_tying import native
 
     library = native.library()
     if library is None and pair_shuffle == "native":

@@ -4,7 +4,7 @@ Every engine trains the same objective (``Word2Vec.compute_loss``) with SGD-like
 batch's mean loss. They differ in how an update is computed:
 
 * :class:`SequentialEngine` -- word2vec C's and gensim's SGD: pair after pair, each pair's update applied
-  before the next pair reads the tables, in the compiled CPU kernel ``csrc/sequential_sgd.cpp``. ``lr`` is
+  before the next pair reads the tables, in the compiled CPU kernel ``lm_tying/csrc/sequential_sgd.cpp``. ``lr`` is
   per pair (needs ``reduction: sum``); the kernel's own threads share the pairs lock-free (Hogwild!, as
   gensim's workers): exact with one thread. Negative sampling without output bias only; CPU only.
 * :class:`BatchedEngine` -- the gradients of ``update_pairs`` pairs written out by hand, all from the same
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lm_tying.models.word2vec import native
+from lm_tying import native
 from lm_tying.nce import UnigramSampler, accidental_hits
 
 if TYPE_CHECKING:

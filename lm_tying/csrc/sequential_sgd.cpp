@@ -38,7 +38,9 @@
 
 #include "random.h"
 
-#if defined(__SSE__)
+#if defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__SSE__)
 #include <xmmintrin.h>
 #endif
 
@@ -53,6 +55,27 @@ inline void prefetch_row(const float* row, int64_t n) {
 }
 
 // s[r] = <x, rows[r]> for R rows in one pass over x.
+#if defined(__AVX2__) && defined(__FMA__)
+template <int R>
+inline void scores(const float* x, const float* const* rows, float* s, int64_t n) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rows[r] + i0), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {  // the 8 lanes summed in registers
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    float total = _mm_cvtss_f32(v);
+    for (int64_t i = i0; i < n; ++i) total += x[i] * rows[r][i];
+    s[r] = total;
+  }
+}
+#else
 template <int R>
 inline void scores(const float* x, const float* const* rows, float* s, int64_t n) {
   float acc[R][8] = {};
@@ -71,6 +94,7 @@ inline void scores(const float* x, const float* const* rows, float* s, int64_t n
     s[r] = total;
   }
 }
+#endif
 
 // x_out += sum_r g[r] * rows[r] and rows[r] += g[r] * x_in, in one pass (rows distinct; x_out may be x_in).
 template <int R>

@@ -1,7 +1,7 @@
 """word2vec's compiled CPU code (``csrc/``), built on first use and called through ctypes.
 
-One library holds the per-pair SGD kernel (``csrc/sequential_sgd.cpp``, the sequential engine, with its
-negatives drawn inside it) and the skip-gram pair generator of the data pipeline (``csrc/skipgram_pairs.cpp``).
+One library holds the per-pair SGD kernel (``csrc/sequential_sgd.cpp``, word2vec's sequential engine, with
+its negatives drawn inside it) and the skip-gram pair generator of the data pipeline (``csrc/skipgram_pairs.cpp``).
 Plain C++ with a C interface (no torch headers), so the system's C++ compiler builds it in a second or two:
 no ninja, no build step to plan for. The library is cached in :func:`cache_dir` under a name made of the CPU
 flags and a hash of the sources and the flags (:func:`extension_name`): a changed source builds anew, and
@@ -21,7 +21,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 CSRC = Path(__file__).with_name("csrc")
@@ -76,6 +77,13 @@ def cache_dir() -> Path:
     if os.environ.get("LM_TYING_KERNEL_CACHE"):
         return Path(os.environ["LM_TYING_KERNEL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lm_tying" / "kernels"
+
+
+def _say(message: str) -> None:
+    """Tell the user, from the first process of a run only (rank 0 by the launchers' variables, as Lightning's
+    ``rank_zero_info`` decides; this module does not import Lightning, so the CLI can start a build first)."""
+    if all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")):
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -191,15 +199,29 @@ class Library:
         return accept.contiguous(), alias.contiguous()
 
 
+_builder: threading.Thread | None = None
+
+
+def build_in_background() -> None:
+    """Start building the library in a thread of this process if no build is cached, so that a first run compiles
+    while it does other work: the CLI calls this before importing Lightning when the command names word2vec, and
+    the skip-gram DataModule before it reads the corpus. :func:`library` waits for it; errors are left to
+    :func:`library`, which tries again and warns with them."""
+    global _builder
+    path = cache_dir() / f"{extension_name()}.so"
+    if _builder is None and not path.exists():
+        _builder = threading.Thread(target=_build_if_missing, args=(path, False), daemon=True, name="lm_tying-build")
+        _builder.start()
+
+
 @functools.cache
 def library() -> Library | None:
     """The library of ``csrc/``, built if no build is cached; None if it cannot be built."""
+    if _builder is not None:
+        _builder.join()
     path = cache_dir() / f"{extension_name()}.so"
     try:
-        if not path.exists():
-            with _build_lock(path.with_suffix(".lock")):
-                if not path.exists():  # another process may have built it while we waited
-                    _build(path)
+        _build_if_missing(path, True)
         return Library(path)
     except Exception as err:  # no compiler, a read-only cache, ...
         warnings.warn(
@@ -210,12 +232,23 @@ def library() -> Library | None:
         return None
 
 
+def _build_if_missing(path: Path, raise_errors: bool) -> None:
+    try:
+        if not path.exists():
+            with _build_lock(path.with_suffix(".lock")):
+                if not path.exists():  # another process may have built it while we waited
+                    _build(path)
+    except Exception:
+        if raise_errors:
+            raise
+
+
 def _build(library: Path) -> None:
     """Compile into a temporary file next to ``library``, then rename it into place (the caller holds the lock)."""
     cxx = compiler()
     if shutil.which(cxx) is None:
         raise FileNotFoundError(f"no C++ compiler {cxx!r} on PATH")
-    rank_zero_info(f"Word2Vec: building the compiled code into {library} (once per source version)")
+    _say(f"Word2Vec: building the compiled code into {library} (once per source version)")
     start = time.perf_counter()
     fd, partial = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".partial")
     os.close(fd)
@@ -226,7 +259,7 @@ def _build(library: Path) -> None:
         os.replace(partial, library)
     finally:
         Path(partial).unlink(missing_ok=True)
-    rank_zero_info(f"Word2Vec: compiled code built in {time.perf_counter() - start:.1f} s")
+    _say(f"Word2Vec: compiled code built in {time.perf_counter() - start:.1f} s")
 
 
 class _build_lock:
@@ -241,7 +274,7 @@ class _build_lock:
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            rank_zero_info(f"Word2Vec: waiting for another process building the kernel ({self.path})")
+            _say(f"Word2Vec: waiting for another process building the compiled code ({self.path})")
             fcntl.flock(self.file, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: object) -> None:
