@@ -356,7 +356,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _names_word2vec(args: list[str]) -> bool:
     """Whether a command's arguments or its ``--config`` files name the word2vec model (a quick look, before the
     parsers exist: a miss only means the compiled code is built later, when the data or the model asks for it)."""
-    if args[:1] not in (["fit"], ["validate"], ["test"], ["predict"]):
+    if args[:1] not in (["fit"], ["validate"], ["test"], ["predict"]) or "--help" in args or "-h" in args:
         return False
     texts = list(args)
     for flag, value in zip(args, args[1:]):

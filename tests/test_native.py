@@ -214,3 +214,4 @@ def test_the_cli_starts_the_build_only_for_word2vec_commands():
     for name in ("lstm_lm.yaml", "lstm_lm_from_word2vec.yaml"):
         assert not _names_word2vec(["fit", "--config", str(repo / "configs" / name)])
     assert not _names_word2vec(["export", "--ckpt_path", "checkpoints/word2vec/last.ckpt", "--output", "v.bin"])
+    assert not _names_word2vec(["fit", "--config", str(repo / "configs" / "word2vec.yaml"), "--help"])
