@@ -23,6 +23,11 @@
   reads and writes its two rows (center, context) and one row per negative (5 per pair), 4-byte floats, at the
   copy bandwidth measured in the same run.
 
+``--repeat-corpus 8`` times text8-head at full text8's size (17M words, the same text 8 times over). Where the
+vocabulary cap binds (it does there: ~81k distinct words, cap 50,000), gensim's ``max_final_vocab`` keeps fewer
+words than our cap, and ``whole`` gives ours gensim's effective ``min_count`` so both are evaluated on the same
+vocabulary.
+
 On a shared machine the figures are noisy: compare the ratios taken in one run, and prefer ``--repeats``
 (seeds seed, seed+1, ...): the summaries give the median time ratio and the mean quality over seeds (one
 seed's SimLex-999 varies by about +-0.006, for gensim as for us). The load average is printed with each part.
@@ -39,6 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +75,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "lm_tying_bench"))
     p.add_argument("--split", type=float, default=0.99, help="training fraction (the rest is val/test)")
     p.add_argument("--no-gensim", action="store_true", help="only this project's model")
+    p.add_argument("--repeat-corpus", type=int, default=1, metavar="N",
+                   help="use the corpus N times over (e.g. 8: text8-head at full text8's 17M words)")
     p.add_argument("--no-first-run", action="store_true",
                    help="whole: the first seed too reuses the compiled code and encoded corpus of earlier runs")
     p.add_argument("--gensim-alpha", type=float, default=0.025, help="gensim's initial learning rate (its default)")
@@ -175,7 +183,21 @@ def run_gensim(args, cfg, ours: dict, seed: int) -> dict | None:
                 vocab=len(model.wv), wv=model.wv)  # fmt: skip
 
 
-def _raw_train_words(corpus: str, n: int) -> list[str]:
+def gensim_min_count(corpus: str, split: float, data_args: dict) -> int | None:
+    """gensim's effective ``min_count`` when the vocabulary cap binds (None if it does not): ``max_final_vocab``
+    raises ``min_count`` to one above the count of the first word past the cap, counted on its training words,
+    so it keeps fewer words than our cap (the ``vocab_size - 1`` most frequent). Ours must use the same words for
+    the evaluations to compare: rare words are more distractors for the analogies, and pairs gensim skips."""
+    cap, min_count = data_args.get("vocab_size"), data_args.get("min_count") or 1
+    words = _raw_train_words(corpus, None)
+    counts = sorted(Counter(words[: int(len(words) * split)]).values(), reverse=True)
+    if cap is None or len(counts) <= cap:
+        return None
+    effective = max(counts[cap] + 1, min_count)
+    return effective if effective > min_count else None
+
+
+def _raw_train_words(corpus: str, n: int | None) -> list[str]:
     import zipfile
 
     if zipfile.is_zipfile(corpus):
@@ -232,6 +254,10 @@ def run_whole(args, cfg) -> None:
     split = (cfg["data"]["init_args"].get("split") or [0.9])[0]
     epochs = args.epochs or cfg.get("trainer", {}).get("max_epochs", 5)
     extra = ["--trainer.max_epochs", str(epochs)] if args.epochs else []
+    matched = gensim_min_count(args.corpus, split, cfg["data"]["init_args"])
+    if matched is not None:  # the cap binds: gensim keeps fewer words; both then evaluate the same vocabulary
+        extra += ["--data.min_count", str(matched)]
+        print(f"the vocabulary cap binds: ours runs with gensim's effective min_count {matched} (--data.min_count)")
     print(f"\n== whole process ({load_average()}) ==")
     print(f"{'':10s} {'seed':>4s} {'wall s':>7s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
     ours_runs, their_runs = [], []
@@ -360,6 +386,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
+    if args.repeat_corpus > 1:
+        args.corpus = str(repeated_corpus(args.corpus, args.repeat_corpus, Path(args.data_dir)))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"whole", "startup", "train"}
     if unknown:
@@ -367,6 +395,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, corpus {args.corpus}, {load_average()}")
     for part in parts:
         {"whole": run_whole, "startup": run_startup, "train": run_train}[part](args, cfg)
+
+
+def repeated_corpus(corpus: str, times: int, directory: Path) -> Path:
+    """``corpus``'s words ``times`` over, as one plain text8-format file (made once): a corpus of full text8's
+    size for timing when only a prefix of text8 is at hand."""
+    out = directory / f"{Path(corpus).stem}-x{times}"
+    if not out.exists():
+        text = " " + " ".join(_raw_train_words(corpus, None))
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".partial")
+        partial.write_text(text * times)
+        partial.replace(out)
+    return out
 
 
 def summarise(ours: list[dict], theirs: list[dict], timing: str) -> None:

@@ -1,12 +1,14 @@
-"""Benchmark: the compiled per-pair kernel alone (``csrc/sequential_sgd.cpp``), pairs/s by thread count.
+"""Benchmark: the compiled per-pair kernel alone (``lm_tying/csrc/sequential_sgd.cpp``), pairs/s by thread count.
 
     python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --rounds 4
+    python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --num_sampled 5 6
 
 The pairs are the first ``--pairs`` of ``configs/word2vec.yaml``'s training stream (shuffled skip-gram pairs
 of text8-head, subsampled, dynamic window 5); the kernel trains them in the config's 131,072-pair calls from
 word2vec's initialisation with its negatives (``--num_sampled``, 6, drawn by the kernel per ``--share``, 4,
-pairs from unigram^0.75, each weighted 5 / num_sampled), as training does, with no data loading in the timed part. Thread counts alternate within each round, so a busy
-spell of the machine spreads over all of them; the median over rounds is printed with the range.
+pairs from unigram^0.75, each weighted 5 / num_sampled), as training does, with no data loading in the timed
+part. Settings alternate within each round, so a busy spell of the machine spreads over all of them; the median
+over rounds is printed with the range.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def main() -> None:
             E, W = (torch.rand(V, D) - 0.5) / D, torch.zeros(V, D)
             start = time.perf_counter()
             for seed, (center, context) in enumerate(batches):
-                draws = native.AliasDraws(sampler.alias_accept, sampler.alias, -(-center.numel() // args.share), K, seed)
+                groups = -(-center.numel() // args.share)
+                draws = native.AliasDraws(sampler.alias_accept, sampler.alias, groups, K, seed)
                 library.sequential_sgd(E, W, center, context, draws, 0.025, 5 / K, False, threads=threads)
             rates[K, threads].append(total / (time.perf_counter() - start))
     for (K, threads), r in rates.items():

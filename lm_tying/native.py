@@ -253,7 +253,8 @@ def _build(library: Path) -> None:
     fd, partial = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".partial")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *_flags()[1], *[str(f) for f in sources() if f.suffix == ".cpp"], "-o", partial], capture_output=True, text=True)
+        compiled = [str(f) for f in sources() if f.suffix == ".cpp"]
+        done = subprocess.run([cxx, *_flags()[1], *compiled, "-o", partial], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(partial, library)

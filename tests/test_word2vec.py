@@ -137,7 +137,9 @@ def test_sequential_kernel_is_per_pair_sgd(remove_hits, dim, num_sampled):
         kernel.sequential_sgd(E, W, center + 30, context, negatives, 0.3, 0.7, False)
 
 
-def test_without_a_compiler_auto_uses_the_batched_engine_and_numpy_pairs_and_sequential_fails_clearly(tmp_path, make_corpus, monkeypatch):
+def test_without_a_compiler_auto_uses_the_batched_engine_and_numpy_pairs_and_sequential_fails_clearly(
+    tmp_path, make_corpus, monkeypatch
+):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     monkeypatch.setenv("LM_TYING_KERNEL_CACHE", str(tmp_path / "kernels"))  # no cached build to load
     with pytest.warns(UserWarning, match="cannot build word2vec.s compiled code.*no C\\+\\+ compiler"):

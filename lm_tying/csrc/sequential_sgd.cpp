@@ -281,7 +281,8 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
     auto group_negatives = [&](int64_t grp) -> const int64_t* {
       if (negatives != nullptr) return negatives + grp * K;
       int64_t* out = drawn.data() + (grp & 1) * K;
-      for (int64_t k = 0; k < K; ++k) out[k] = lm_tying::alias_draw(lm_tying::splitmix64(seed, grp * K + k), accept, alias, V);
+      for (int64_t k = 0; k < K; ++k)
+        out[k] = lm_tying::alias_draw(lm_tying::splitmix64(seed, grp * K + k), accept, alias, V);
       return out;
     };
     for (int64_t taken = next++; taken < chunks; taken = next++) {
@@ -319,5 +320,6 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
 // the kernel's negatives for group g are draws g * K ... g * K + K - 1 (exposed to test and show them).
 extern "C" void alias_draws(const double* accept, const int64_t* alias, int64_t V, uint64_t seed, int64_t first,
                             int64_t count, int64_t* out) {
-  for (int64_t i = 0; i < count; ++i) out[i] = lm_tying::alias_draw(lm_tying::splitmix64(seed, first + i), accept, alias, V);
+  for (int64_t i = 0; i < count; ++i)
+    out[i] = lm_tying::alias_draw(lm_tying::splitmix64(seed, first + i), accept, alias, V);
 }

@@ -73,8 +73,10 @@ class Text8DataModule(L.LightningDataModule):
             data_dir: Where the download and the caches (vocabulary, encoded corpus) live.
             url: Where to download ``text8.zip`` from when no ``path`` is given.
             vocab_size: Number of words kept, including ``UNK`` (id 0) for all others; an error if the
-                corpus has fewer distinct words. With ``min_count`` it is only a cap (gensim's
-                ``max_final_vocab``); ``None`` keeps every word with at least ``min_count`` occurrences.
+                corpus has fewer distinct words. With ``min_count`` it is only a cap: the ``vocab_size - 1``
+                most frequent words (ties by first appearance; gensim's ``max_final_vocab`` instead raises
+                ``min_count`` until the vocabulary fits, which keeps fewer); ``None`` keeps every word with at
+                least ``min_count`` occurrences.
             min_count: Keep only words seen at least this often.
             split: Fractions of the corpus for train, validation and test, cut contiguously in that order.
             mode: ``skipgram`` serves (center, context) pairs; ``lm`` serves (inputs, targets) windows.
