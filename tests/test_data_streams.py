@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -173,6 +174,13 @@ def test_resuming_inside_an_epoch_with_the_other_pair_shuffle_is_refused():
     native_order = ResumableLoader(SkipGramStream(np.arange(500, dtype=np.int32), 16, 2, pair_shuffle="native"))
     with pytest.raises(ValueError, match="--data.pair_shuffle numpy"):
         native_order.load_state_dict({"epoch": 1, "batches_done": 4, "num_workers": 0})  # written before the option
+
+
+def test_a_stream_with_compiled_pairs_pickles_for_spawned_workers():
+    needs_compiled_pairs("native")
+    stream = SkipGramStream(np.arange(3000, dtype=np.int32) % 97, 64, 2, seed=3, pair_shuffle="native")
+    copy = pickle.loads(pickle.dumps(stream))
+    assert copy.pair_shuffle == "native" and list(map(_key, copy)) == list(map(_key, stream))
 
 
 def test_compiled_pairs_are_the_numpy_pairs_in_a_random_order_fixed_by_the_seed():

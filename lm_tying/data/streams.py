@@ -106,8 +106,8 @@ class SkipGramStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.chunk_tokens = chunk_tokens
-        self.native = _native_pairs(pair_shuffle) if shuffle else None
-        self.pair_shuffle = "native" if self.native is not None else "numpy"
+        # (the library is looked up when used, not kept: a stream stays picklable for spawned loader workers)
+        self.pair_shuffle = "native" if shuffle and _native_pairs(pair_shuffle) is not None else "numpy"
         self.num_chunks = max(1, math.ceil(len(tokens) / chunk_tokens))
         self.epoch, self.start = 0, 0
         self.pairs_per_epoch = int(self._chunk_sizes(0).sum())
@@ -200,8 +200,9 @@ class SkipGramStream(IterableDataset):
         place moves half the memory a permutation and two gathers do (the data's main cost per epoch)."""
         rng = self._rngs(epoch)[chunk]
         tokens, windows = self._subsample_and_windows(rng, chunk)
-        if self.native is not None:
-            return self.native.skipgram_pairs(tokens, windows, int(rng.integers(2**63)), _pair_count(windows))
+        if self.pair_shuffle == "native":
+            library = _native_pairs("native")
+            return library.skipgram_pairs(tokens, windows, int(rng.integers(2**63)), _pair_count(windows))
         centers, contexts = skipgram_pairs(tokens.astype(np.int64), windows)
         pairs = (centers << 32) | contexts
         if self.shuffle:
