@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from torch import Tensor
 
@@ -154,17 +153,15 @@ class Library:
         for ids in (center, context) if drawn else (center, context, negatives):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
                 raise ValueError(f"word id out of range: the tables have {V} rows")
-        if drawn:
+        if drawn:  # (given negatives, accept, alias) pointers, and the draws' seed
             accept, alias = self._alias_tables(negatives.accept, negatives.alias, V)
-            given, seed = None, negatives.seed
+            pointers, seed = (None, accept.data_ptr(), alias.data_ptr()), negatives.seed
         else:
             negatives = negatives.contiguous()
-            accept = alias = None
-            given, seed = negatives.data_ptr(), 0
+            pointers, seed = (negatives.data_ptr(), None, None), 0
         self._lib.sequential_sgd(
-            E.data_ptr(), W.data_ptr(), D, center.data_ptr(), context.data_ptr(), B, given,
-            None if accept is None else accept.data_ptr(), None if alias is None else alias.data_ptr(), V, seed, n, K,
-            lr, neg_weight, int(remove_accidental_hits), threads or torch.get_num_threads(), group_loss.data_ptr(),
+            E.data_ptr(), W.data_ptr(), D, center.data_ptr(), context.data_ptr(), B, *pointers, V, seed, n, K, lr,
+            neg_weight, int(remove_accidental_hits), threads or torch.get_num_threads(), group_loss.data_ptr(),
         )  # fmt: skip
         return group_loss.sum()
 

@@ -36,4 +36,10 @@ inline int64_t alias_draw(uint64_t bits, const double* accept, const int64_t* al
   return (u - static_cast<double>(k)) < accept[k] ? k : alias[k];
 }
 
+// out[i] = the alias draw of output first + i of the stream of `seed`, for i < count.
+inline void alias_draws(uint64_t seed, int64_t first, int64_t count, const double* accept, const int64_t* alias,
+                        int64_t V, int64_t* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = alias_draw(splitmix64(seed, first + i), accept, alias, V);
+}
+
 }  // namespace lm_tying

@@ -205,10 +205,6 @@ struct Problem {
   float* W;
   int64_t D, B, n, K, G;
   const int64_t *center, *context, *negatives;
-  const double* accept;  // the alias tables, when the negatives are drawn here
-  const int64_t* alias;
-  int64_t V;
-  uint64_t seed;
   float rate, neg_weight;
   bool remove_accidental_hits;
 };
@@ -267,8 +263,8 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
                                const int64_t* alias, int64_t V, uint64_t seed, int64_t n, int64_t K, float lr,
                                float neg_weight, int remove_accidental_hits, int threads, double* group_loss) {
   if (B == 0) return;
-  const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, accept,
-                  alias, V, seed, lr, neg_weight, remove_accidental_hits != 0};
+  const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
+                  neg_weight, remove_accidental_hits != 0};
   // Threads take chunks of groups from a shared counter rather than a fixed share each: on a VM whose
   // vCPUs get descheduled a static split makes the whole call wait for the slowest thread.
   const int64_t chunk = std::max<int64_t>(1, 256 / P.G), chunks = (n + chunk - 1) / chunk;
@@ -281,8 +277,7 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
     auto group_negatives = [&](int64_t grp) -> const int64_t* {
       if (negatives != nullptr) return negatives + grp * K;
       int64_t* out = drawn.data() + (grp & 1) * K;
-      for (int64_t k = 0; k < K; ++k)
-        out[k] = lm_tying::alias_draw(lm_tying::splitmix64(seed, grp * K + k), accept, alias, V);
+      lm_tying::alias_draws(seed, grp * K, K, accept, alias, V, out);
       return out;
     };
     for (int64_t taken = next++; taken < chunks; taken = next++) {
@@ -320,6 +315,5 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
 // the kernel's negatives for group g are draws g * K ... g * K + K - 1 (exposed to test and show them).
 extern "C" void alias_draws(const double* accept, const int64_t* alias, int64_t V, uint64_t seed, int64_t first,
                             int64_t count, int64_t* out) {
-  for (int64_t i = 0; i < count; ++i)
-    out[i] = lm_tying::alias_draw(lm_tying::splitmix64(seed, first + i), accept, alias, V);
+  lm_tying::alias_draws(seed, first, count, accept, alias, V, out);
 }

@@ -190,11 +190,10 @@ class SequentialEngine(Engine):
     def negatives(self, pairs: int, context: Tensor, generator: torch.Generator | None) -> Tensor | native.AliasDraws:
         """Grouped draws from the unigram sampler are made by the kernel, from a seed drawn from torch's generator (so
         the checkpointed RNG state fixes them); other draws (one shared by the batch, log-uniform) by the sampler."""
-        m, h = self.model, self.model.hparams
-        if h.share_negatives is not None and isinstance(m.sampler, UnigramSampler):
+        m, groups = self.model, self.model.negative_groups(pairs)
+        if groups is not None and isinstance(m.sampler, UnigramSampler):
             seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-            groups = -(-pairs // h.share_negatives)
-            return native.AliasDraws(m.sampler.alias_accept, m.sampler.alias, groups, h.num_sampled, seed)
+            return native.AliasDraws(m.sampler.alias_accept, m.sampler.alias, groups, m.hparams.num_sampled, seed)
         sampled = m.sample_negatives(context, generator).sampled
         return sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
 

@@ -343,10 +343,15 @@ class Word2Vec(WordEmbeddingModule):
         self._avg_loss, self._avg_steps, self._pending = state["avg_loss"], state["avg_steps"], list(state["pending"])
 
     # ------------------------------------------------------------------------------ the loss
+    def negative_groups(self, pairs: int) -> int | None:
+        """How many draws of negatives a batch of ``pairs`` gets: one per ``share_negatives`` pairs (None: one draw
+        shared by the whole batch)."""
+        share = self.hparams.share_negatives
+        return None if share is None else -(-pairs // share)
+
     def sample_negatives(self, labels: Tensor, generator: torch.Generator | None = None) -> SampledValues:
         """The negatives of a batch: one draw per ``share_negatives`` pairs (None: one for the batch)."""
-        share = self.hparams.share_negatives
-        groups = None if share is None else -(-labels.numel() // share)
+        groups = self.negative_groups(labels.numel())
         nce = self.hparams.loss == "nce"  # negative sampling does not use expected counts
         return self.sampler(labels, self.hparams.num_sampled, self.hparams.unique, generator, groups, expected_counts=nce)
 
