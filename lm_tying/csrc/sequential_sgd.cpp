@@ -66,14 +66,17 @@ inline void scores(const float* x, const float* const* rows, float* s, int64_t n
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rows[r] + i0), acc[r]);
   }
-  for (int r = 0; r < R; ++r) {  // the 8 lanes summed in registers
+  // The 8 lanes summed in registers, in a loop unrolled at compile time: indexing acc[] with a runtime r (as
+  // a tail loop over i would) keeps the accumulators in memory, one store each per step of the loop above.
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    float total = _mm_cvtss_f32(v);
-    for (int64_t i = i0; i < n; ++i) total += x[i] * rows[r][i];
-    s[r] = total;
+    s[r] = _mm_cvtss_f32(v);
   }
+  for (int64_t i = i0; i < n; ++i)
+    for (int r = 0; r < R; ++r) s[r] += x[i] * rows[r][i];
 }
 #else
 template <int R>
@@ -99,15 +102,20 @@ inline void scores(const float* x, const float* const* rows, float* s, int64_t n
 // x_out += sum_r g[r] * rows[r] and rows[r] += g[r] * x_in, in one pass (rows distinct; x_out may be x_in).
 template <int R>
 inline void update(const float* x_in, float* x_out, float* const* rows, const float* g, int64_t n) {
+  // Local copies: a store to a row could, for all the compiler knows, change g or the pointers, which it
+  // would then load again for every 8 floats (measured: 23 loads per 8 stores instead of 9).
+  float step[R];
+  float* row[R];
+  for (int r = 0; r < R; ++r) step[r] = g[r], row[r] = rows[r];
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float xi = x_in[i];
     float dx = 0.f;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const float v = rows[r][i];
-      dx += g[r] * v;
-      rows[r][i] = v + g[r] * xi;
+      const float v = row[r][i];
+      dx += step[r] * v;
+      row[r][i] = v + step[r] * xi;
     }
     x_out[i] += dx;
   }
