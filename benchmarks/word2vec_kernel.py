@@ -2,6 +2,7 @@
 
     python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --rounds 4
     python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --num_sampled 5 6
+    python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --libraries old.so new.so
 
 The pairs are the first ``--pairs`` of ``configs/word2vec.yaml``'s training stream (shuffled skip-gram pairs
 of text8-head, subsampled, dynamic window 5); the kernel trains them in the config's 131,072-pair calls from
@@ -40,10 +41,16 @@ def main() -> None:
     p.add_argument("--num_sampled", type=int, nargs="+", default=[6], help="negatives per group (several: compared)")
     p.add_argument("--share", type=int, default=4, help="pairs sharing one group of negatives")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "lm_tying_bench"))
+    p.add_argument("--libraries", nargs="+", type=Path, default=[],
+                   help="built kernels to compare (.so files, e.g. copies of the cache's from two versions of the "
+                        "code); default: this checkout's")
     args = p.parse_args()
 
-    library = native.library()
-    if library is None:
+    if args.libraries:
+        libraries = {path.name: native.Library(path) for path in args.libraries}
+    elif (library := native.library()) is not None:
+        libraries = {"this checkout's kernel": library}
+    else:
         raise SystemExit("the kernel cannot be built here (no C++ compiler)")
     dm = Text8DataModule(path=args.corpus, data_dir=args.data_dir, vocab_size=50000, min_count=5, mode="skipgram",
                          batch_size=131072, window=5, subsample=1e-3, drop_unk=True)  # fmt: skip
@@ -60,20 +67,20 @@ def main() -> None:
     torch.set_num_threads(1)  # as in training: the kernel's threads are its own
     print(f"{total / 1e6:.1f}M pairs of {Path(args.corpus).name}, vocabulary {V}, dim {D}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
-    settings = [(k, t) for k in args.num_sampled for t in args.threads]
-    rates: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+    settings = [(name, k, t) for name in libraries for k in args.num_sampled for t in args.threads]
+    rates: dict[tuple[str, int, int], list[float]] = {s: [] for s in settings}
     for _ in range(args.rounds):
-        for K, threads in settings:
+        for name, K, threads in settings:
             torch.manual_seed(0)
             E, W = (torch.rand(V, D) - 0.5) / D, torch.zeros(V, D)
             start = time.perf_counter()
             for seed, (center, context) in enumerate(batches):
                 groups = -(-center.numel() // args.share)
                 draws = native.AliasDraws(sampler.alias_accept, sampler.alias, groups, K, seed)
-                library.sequential_sgd(E, W, center, context, draws, 0.025, 5 / K, False, threads=threads)
-            rates[K, threads].append(total / (time.perf_counter() - start))
-    for (K, threads), r in rates.items():
-        print(f"{K} negatives per {args.share} pairs, {threads} thread(s): median {statistics.median(r) / 1e6:.2f}M "
+                libraries[name].sequential_sgd(E, W, center, context, draws, 0.025, 5 / K, False, threads=threads)
+            rates[name, K, threads].append(total / (time.perf_counter() - start))
+    for (name, K, threads), r in rates.items():
+        print(f"{name}: {K} negatives per {args.share} pairs, {threads} thread(s): median {statistics.median(r) / 1e6:.2f}M "
               f"pairs/s (rounds {', '.join(f'{x / 1e6:.2f}' for x in r)})")  # fmt: skip
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
