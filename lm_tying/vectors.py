@@ -7,7 +7,8 @@ word2vec text/binary formats that ``gensim.models.KeyedVectors.load_word2vec_for
 
 Evaluation words are matched case-insensitively by default (gensim's ``case_insensitive=True``):
 text8 is lowercase while the evaluation files are not. The analogy search is batched (one matmul
-for many questions) instead of gensim's one query at a time, with the same answers.
+for many questions) instead of gensim's one query at a time, with the same answers; on CPUs with bf16
+instructions a bf16 product preselects candidates that float32 then ranks (half the time, same answers).
 """
 
 from __future__ import annotations
@@ -26,6 +27,41 @@ log = logging.getLogger(__name__)
 
 # names of the standard evaluation files that gensim ships in gensim/test/test_data
 EVAL_FILES = {"analogies": "questions-words.txt", "wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
+
+
+def _fast_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent ones count as False
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def _top_rows(query: torch.Tensor, u: torch.Tensor, u_bf16: torch.Tensor | None, exclude: torch.Tensor, count: int,
+              candidates: int = 32) -> torch.Tensor:
+    """For each query row, the ``count`` rows of ``u`` (unit rows) with the largest float32 dot products, best
+    first, excluding that query's ``exclude`` rows.
+
+    With ``u_bf16`` (``u`` in bf16) a bf16 product, twice as fast on CPUs with bf16 instructions, picks
+    ``candidates`` rows, which are then scored in float32. A bf16 score is within ``|q| * 2**-7`` of the float32
+    one (inputs rounded to 8 significant bits: ``2 * 2**-9`` relative to ``sum |q_i u_i| <= |q|``; the
+    output's rounding another ``2**-9``; float32 sums accumulate), so a row left out scores at most the last
+    candidate's bf16 score plus that margin (twice it, to be safe): where the ``count``-th float32 score of the
+    candidates is above that, the answer is exact; the few queries where it is not (3 of 9,274 analogies on
+    text8-head) are scored in float32 over all rows."""
+    rows = torch.arange(len(query)).unsqueeze(1)
+    if u_bf16 is None or len(u) < candidates + exclude.shape[1]:
+        scores = query @ u.t()
+        scores[rows, exclude] = -float("inf")
+        return scores.topk(count, dim=1).indices
+    rough = (query.bfloat16() @ u_bf16.t()).float()
+    rough[rows, exclude] = -float("inf")
+    picked = rough.topk(candidates, dim=1)
+    exact = torch.einsum("nd,nkd->nk", query, u[picked.indices])
+    best = exact.topk(count, dim=1)
+    top = picked.indices.gather(1, best.indices)
+    unsure = ~(best.values[:, -1] > picked.values[:, -1] + query.norm(dim=1) * 2**-6)
+    if unsure.any():
+        top[unsure] = _top_rows(query[unsure], u, None, exclude[unsure], count)
+    return top
 
 
 def default_eval_file(name: str) -> str:
@@ -168,7 +204,7 @@ class WordVectors:
         restrict_vocab: int = 300_000,
         case_insensitive: bool = True,
         dummy4unknown: bool = False,
-        batch_size: int = 1024,
+        batch_size: int = 256,
     ) -> tuple[float, list[dict]]:
         """Google analogy accuracy ("a is to b as c is to ?") by 3CosAdd, as gensim computes it.
 
@@ -250,17 +286,14 @@ class WordVectors:
         if not quads:
             return []
         u = torch.from_numpy(self.unit_vectors()[:limit])
+        u_bf16 = u.bfloat16() if _fast_bf16_matmul() and u.dtype == torch.float32 else None
         idx = torch.tensor([[ok[w] for w in q[:3]] for q in quads], dtype=torch.long)  # a, b, c
         keys = [w.upper() for w in self.index_to_key[:limit]] if case_insensitive else self.index_to_key[:limit]
         out: list[str | None] = []
         for start in range(0, len(quads), batch_size):
             a, b, c = idx[start : start + batch_size].unbind(1)
             query = u[b] - u[a] + u[c]  # the mean's scale does not change the ranking
-            scores = query @ u.t()
-            rows = torch.arange(len(a))
-            for col in (a, b, c):
-                scores[rows, col] = -float("inf")
-            top = scores.topk(min(5, limit), dim=1).indices.tolist()
+            top = _top_rows(query, u, u_bf16, torch.stack([a, b, c], 1), min(5, limit)).tolist()
             for q, cand in zip(quads[start : start + batch_size], top):
                 ignore = set(q[:3])
                 guess = None

@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from lm_tying.vectors import WordVectors
+from lm_tying.vectors import WordVectors, _top_rows
 
 gensim = pytest.importorskip("gensim")
 from gensim.models import KeyedVectors  # noqa: E402
@@ -238,3 +239,22 @@ def test_word2vec_format_rejects_bad_input(tmp_path):
     bad.write_text("2 3\na 1 2 3\nb 1 2\n")
     with pytest.raises(ValueError, match="expected 3"):
         WordVectors.load_word2vec_format(bad)
+
+
+def test_bf16_preselection_gives_the_float32_answers_even_where_bf16_cannot_tell_rows_apart():
+    """The analogy search's bf16 product only preselects: the answers are float32's. Here 200 of the rows are
+    one direction plus noise below bf16's resolution, so bf16's 32 candidates miss some of float32's top 5
+    (checked) and those queries must be recomputed in float32; the other rows are ordinary."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(1, 64, generator=g), dim=1)
+    near = base + 1e-4 * torch.randn(200, 64, generator=g)
+    u = torch.nn.functional.normalize(torch.cat([near, torch.randn(800, 64, generator=g)]), dim=1)
+    query = torch.cat([base + 0.01 * torch.randn(20, 64, generator=g), torch.randn(40, 64, generator=g)])
+    exclude = torch.randint(0, 1000, (60, 3), generator=g)
+    exact = _top_rows(query, u, None, exclude, 5)
+    rough = (query.bfloat16() @ u.bfloat16().t()).float()
+    rough[torch.arange(60).unsqueeze(1), exclude] = -float("inf")
+    candidates = rough.topk(32, dim=1).indices
+    missed = [not set(exact[i].tolist()) <= set(candidates[i].tolist()) for i in range(60)]
+    assert any(missed[:20]) and not any(missed[20:])
+    assert torch.equal(_top_rows(query, u, u.bfloat16(), exclude, 5), exact)
