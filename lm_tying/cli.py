@@ -36,11 +36,14 @@ once; the ``LightningCLI`` subclass is in :mod:`lm_tying._lightning_cli`.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -185,7 +188,8 @@ def _checkpoint_of(args: argparse.Namespace) -> str:
 
 def _export_main(argv: list[str]) -> int:
     args = _extra_parser("export").parse_args(argv)
-    from lm_tying.export import export
+    with _collector_paused():
+        from lm_tying.export import export
 
     written = export(_checkpoint_of(args), args.output, limit=args.limit)
     print(f"wrote {', '.join(str(p) for p in written)}")
@@ -201,7 +205,8 @@ def _generate_main(argv: list[str]) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top_k {args.top_k}: it must be at least 1 (or left out: every word)")
     ckpt_path = _checkpoint_of(args)
-    from lm_tying.checkpoint import load_model
+    with _collector_paused():
+        from lm_tying.checkpoint import load_model
 
     model = load_model(ckpt_path)
     if not callable(getattr(model, "generate", None)):
@@ -340,7 +345,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             from lm_tying import native
 
             native.build_in_background()  # a first run compiles while Lightning is imported (~2 s)
-        from lm_tying._lightning_cli import LmTyingCLI
+        with _collector_paused():
+            from lm_tying._lightning_cli import LmTyingCLI
 
         LmTyingCLI(args=None if argv is None else args)
     except SystemExit as e:
@@ -351,6 +357,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         _exit_for(e, command)
     finally:
         _end_process_group()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while torch and Lightning are imported, then their objects frozen out of its
+    passes: it would otherwise walk the ~10^6 long-lived objects the imports make again and again, ~0.6 s of a
+    ~4 s import (`benchmarks/README.md`, "Start-up"), and every later full collection would walk them again."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _names_word2vec(args: list[str]) -> bool:

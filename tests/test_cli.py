@@ -4,6 +4,7 @@ with a one-line message and a non-zero status instead of a traceback."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -267,3 +268,18 @@ def test_the_cli_ends_a_ddp_process_group_before_exiting(tmp_path):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert not dist.is_initialized()
+
+
+def test_the_cycle_collector_is_off_only_while_torch_and_lightning_are_imported():
+    """The CLI pauses Python's cycle collector for its heavy imports and freezes what they made; it is on again
+    afterwards, also when an import fails."""
+    from lm_tying.cli import _collector_paused
+
+    gc.unfreeze()
+    try:
+        with pytest.raises(ModuleNotFoundError), _collector_paused():
+            assert not gc.isenabled()
+            import lm_tying_no_such_module  # noqa: F401
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
