@@ -5,7 +5,7 @@
     python benchmarks/word2vec_kernel.py --corpus ../shared/data/text8-head.zip --libraries old.so new.so
 
 The pairs are the first ``--pairs`` of ``configs/word2vec.yaml``'s training stream (shuffled skip-gram pairs
-of text8-head, subsampled, dynamic window 5); the kernel trains them in the config's 131,072-pair calls from
+of text8-head, subsampled, dynamic window 5); the kernel trains them in the config's 262,144-pair calls from
 word2vec's initialisation with its negatives (``--num_sampled``, 6, drawn by the kernel per ``--share``, 4,
 pairs from unigram^0.75, each weighted 5 / num_sampled), as training does, with no data loading in the timed
 part. Settings alternate within each round, so a busy spell of the machine spreads over all of them; the median
@@ -53,7 +53,7 @@ def main() -> None:
     else:
         raise SystemExit("the kernel cannot be built here (no C++ compiler)")
     dm = Text8DataModule(path=args.corpus, data_dir=args.data_dir, vocab_size=50000, min_count=5, mode="skipgram",
-                         batch_size=131072, window=5, subsample=1e-3, drop_unk=True)  # fmt: skip
+                         batch_size=262144, window=5, subsample=1e-3, drop_unk=True)  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     batches, total = [], 0

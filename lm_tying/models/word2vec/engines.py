@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 Update = Literal["auto", "sequential", "batched", "autograd"]
 
 # The batched engine's update size when ``lr`` is per pair (reduction: sum) and none is given: one update
-# of a 131,072-pair batch would move a frequent word's row by the sum of thousands of per-pair steps.
+# of a whole batch (262,144 pairs in configs/word2vec.yaml) would move a frequent word's row by the sum of
+# thousands of per-pair steps.
 BATCHED_SUM_UPDATE_PAIRS = 4096
 # Below this many pairs per update (per kernel call), one thread: the work is shorter than the cost of
 # waking and joining a second thread, which grows to milliseconds when another process holds the cores.
