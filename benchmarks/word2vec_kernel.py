@@ -80,8 +80,8 @@ def main() -> None:
                 libraries[name].sequential_sgd(E, W, center, context, draws, 0.025, 5 / K, False, threads=threads)
             rates[name, K, threads].append(total / (time.perf_counter() - start))
     for (name, K, threads), r in rates.items():
-        print(f"{name}: {K} negatives per {args.share} pairs, {threads} thread(s): median {statistics.median(r) / 1e6:.2f}M "
-              f"pairs/s (rounds {', '.join(f'{x / 1e6:.2f}' for x in r)})")  # fmt: skip
+        print(f"{name}: {K} negatives per {args.share} pairs, {threads} thread(s): "
+              f"median {statistics.median(r) / 1e6:.2f}M pairs/s (rounds {', '.join(f'{x / 1e6:.2f}' for x in r)})")
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -362,8 +362,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """Python's cycle collector off while torch and Lightning are imported, then their objects frozen out of its
-    passes: it would otherwise walk the ~10^6 long-lived objects the imports make again and again, ~0.6 s of a
-    ~4 s import (`benchmarks/README.md`, "Start-up"), and every later full collection would walk them again."""
+    passes: it would otherwise walk the long-lived objects the imports make (about a million) again and again as
+    they are made, and every later full collection would walk them again (README, word2vec, "Where the time
+    goes", has what it saves)."""
     gc.disable()
     try:
         yield

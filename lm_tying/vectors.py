@@ -8,7 +8,7 @@ word2vec text/binary formats that ``gensim.models.KeyedVectors.load_word2vec_for
 Evaluation words are matched case-insensitively by default (gensim's ``case_insensitive=True``):
 text8 is lowercase while the evaluation files are not. The analogy search is batched (one matmul
 for many questions) instead of gensim's one query at a time, with the same answers; on CPUs with bf16
-instructions a bf16 product preselects candidates that float32 then ranks (half the time, same answers).
+instructions a faster bf16 product preselects candidates that float32 then ranks (the same answers).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def _top_rows(query: torch.Tensor, u: torch.Tensor, u_bf16: torch.Tensor | None,
     """For each query row, the ``count`` rows of ``u`` (unit rows) with the largest float32 dot products, best
     first, excluding that query's ``exclude`` rows.
 
-    With ``u_bf16`` (``u`` in bf16) a bf16 product, twice as fast on CPUs with bf16 instructions, picks
+    With ``u_bf16`` (``u`` in bf16) a bf16 product, faster on CPUs with bf16 instructions, picks
     ``candidates`` rows, which are then scored in float32. A bf16 score is within ``|q| * 2**-7`` of the float32
     one (inputs rounded to 8 significant bits: ``2 * 2**-9`` relative to ``sum |q_i u_i| <= |q|``; the
     output's rounding another ``2**-9``; float32 sums accumulate), so a row left out scores at most the last
     candidate's bf16 score plus that margin (twice it, to be safe): where the ``count``-th float32 score of the
-    candidates is above that, the answer is exact; the few queries where it is not (3 of 9,274 analogies on
-    text8-head) are scored in float32 over all rows."""
+    candidates is above that, the answer is exact; the few queries where it is not are scored in float32 over
+    all rows."""
     rows = torch.arange(len(query)).unsqueeze(1)
     if u_bf16 is None or len(u) < candidates + exclude.shape[1]:
         scores = query @ u.t()
