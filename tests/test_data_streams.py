@@ -111,12 +111,15 @@ def test_lm_shards_are_disjoint_rows_covering_the_whole():
     assert np.array_equal(np.concatenate([r.rows() for r in ranks]), whole)
 
 
+@pytest.mark.parametrize("pair_shuffle", ["numpy", "native"])
 @pytest.mark.parametrize("num_batches_divisible", [True, False])
-def test_skipgram_shards_are_disjoint_and_together_the_whole(num_batches_divisible):
+def test_skipgram_shards_are_disjoint_and_together_the_whole(num_batches_divisible, pair_shuffle):
+    needs_compiled_pairs(pair_shuffle)
     tokens = np.arange(3000, dtype=np.int32)
     batch = 100 if num_batches_divisible else 97
-    whole = SkipGramStream(tokens, batch, 3, seed=1, chunk_tokens=1000)
-    shards = [SkipGramStream(tokens, batch, 3, seed=1, rank=r, world_size=2, chunk_tokens=1000) for r in range(2)]
+    whole = SkipGramStream(tokens, batch, 3, seed=1, chunk_tokens=1000, pair_shuffle=pair_shuffle)
+    shards = [SkipGramStream(tokens, batch, 3, seed=1, rank=r, world_size=2, chunk_tokens=1000, pair_shuffle=pair_shuffle)
+              for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == -(-len(whole) // 2)
     batches = [[tuple(map(tuple, torch.stack(b).T.tolist())) for b in s] for s in shards]
     all_whole = [tuple(map(tuple, torch.stack(b).T.tolist())) for b in whole]
@@ -174,6 +177,14 @@ def test_resuming_inside_an_epoch_with_the_other_pair_shuffle_is_refused():
     native_order = ResumableLoader(SkipGramStream(np.arange(500, dtype=np.int32), 16, 2, pair_shuffle="native"))
     with pytest.raises(ValueError, match="--data.pair_shuffle numpy"):
         native_order.load_state_dict({"epoch": 1, "batches_done": 4, "num_workers": 0})  # written before the option
+
+
+def test_auto_takes_the_compiled_pairs_in_one_process_and_numpys_under_ddp():
+    needs_compiled_pairs("native")
+    tokens = np.arange(3000, dtype=np.int32) % 97
+    assert SkipGramStream(tokens, 64, 2, pair_shuffle="auto").pair_shuffle == "native"
+    assert SkipGramStream(tokens, 64, 2, rank=1, world_size=2, pair_shuffle="auto").pair_shuffle == "numpy"
+    assert SkipGramStream(tokens, 64, 2, rank=1, world_size=2, pair_shuffle="native").pair_shuffle == "native"
 
 
 def test_a_stream_with_compiled_pairs_pickles_for_spawned_workers():

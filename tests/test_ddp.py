@@ -43,6 +43,8 @@ def single_process_epoch(model, corpus, data_dir, world_size):
     init = dict(tiny_config(model, corpus)["data"]["init_args"], data_dir=str(data_dir))
     if model == "lm":
         init["batch_size"] *= world_size
+    elif init.get("pair_shuffle", "auto") == "auto":
+        init["pair_shuffle"] = "numpy"  # what auto takes under DDP
     dm = Text8DataModule(**init)
     dm.setup("fit")
     return [tuple(t.clone() for t in batch) for batch in dm.train_dataloader()]

@@ -93,8 +93,9 @@ class Text8DataModule(L.LightningDataModule):
             num_workers: Background processes preparing batches (0: in the training process).
             seed: Seed of the skip-gram pair shuffling, windows and subsampling.
             pair_shuffle: Skip-gram: who makes and shuffles the training pairs: ``native``, word2vec's compiled
-                code (~5x faster); ``numpy``; ``auto``, the compiled code where a C++ compiler builds it. Each
-                gives its own order: a run resumes with the one it started with.
+                code (~5x faster); ``numpy``; ``auto``, the compiled code where a C++ compiler builds it, in one
+                process, and numpy's under DDP (where the compiled order measured worse; README, "DDP quality").
+                Each gives its own order: a run resumes with the one it started with.
         """
         super().__init__()
         # Not merged into the logger's hparams: the model's vocab_size is the size actually built, which

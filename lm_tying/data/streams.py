@@ -71,8 +71,10 @@ class SkipGramStream(IterableDataset):
 
     ``pair_shuffle``: ``native`` generates and shuffles a chunk's pairs in word2vec's compiled code (a bucketed
     shuffle that stays in the CPU's caches, ~5x faster); ``numpy`` in numpy; ``auto`` (default) the
-    compiled code where it builds. The two give different (equally random) orders, so a run resumes with the
-    one it started with (``ResumableLoader`` checks).
+    compiled code where it builds, in one process; numpy's under DDP, where runs with the compiled order scored
+    lower analogies and SimLex-999 over 4 seeds (README, "DDP quality"; why is not found yet). The two give
+    different (equally random) orders, so a run resumes with the one it started with (``ResumableLoader``
+    checks).
 
     An epoch has a fixed number of pairs (that of epoch 0), so Lightning sees the same length every
     epoch; other epochs draw slightly more or fewer pairs and are cut, or wrapped, to that number.
@@ -107,6 +109,8 @@ class SkipGramStream(IterableDataset):
         self.world_size = world_size
         self.chunk_tokens = chunk_tokens
         # (the library is looked up when used, not kept: a stream stays picklable for spawned loader workers)
+        if pair_shuffle == "auto" and world_size > 1:
+            pair_shuffle = "numpy"
         self.pair_shuffle = "native" if shuffle and _native_pairs(pair_shuffle) is not None else "numpy"
         self.num_chunks = max(1, math.ceil(len(tokens) / chunk_tokens))
         self.epoch, self.start = 0, 0
