@@ -118,8 +118,8 @@ def test_skipgram_shards_are_disjoint_and_together_the_whole(num_batches_divisib
     tokens = np.arange(3000, dtype=np.int32)
     batch = 100 if num_batches_divisible else 97
     whole = SkipGramStream(tokens, batch, 3, seed=1, chunk_tokens=1000, pair_shuffle=pair_shuffle)
-    shards = [SkipGramStream(tokens, batch, 3, seed=1, rank=r, world_size=2, chunk_tokens=1000, pair_shuffle=pair_shuffle)
-              for r in range(2)]
+    shards = [SkipGramStream(tokens, batch, 3, seed=1, rank=r, world_size=2, chunk_tokens=1000,
+                             pair_shuffle=pair_shuffle) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == -(-len(whole) // 2)
     batches = [[tuple(map(tuple, torch.stack(b).T.tolist())) for b in s] for s in shards]
     all_whole = [tuple(map(tuple, torch.stack(b).T.tolist())) for b in whole]

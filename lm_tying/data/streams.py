@@ -72,7 +72,7 @@ class SkipGramStream(IterableDataset):
     ``pair_shuffle``: ``native`` generates and shuffles a chunk's pairs in word2vec's compiled code (a bucketed
     shuffle that stays in the CPU's caches, ~5x faster); ``numpy`` in numpy; ``auto`` (default) the
     compiled code where it builds, in one process; numpy's under DDP, where runs with the compiled order scored
-    lower analogies and SimLex-999 over 4 seeds (README, "DDP quality"; why is not found yet). The two give
+    lower analogies and SimLex-999 (README, "DDP quality"; why is not found yet). The two give
     different (equally random) orders, so a run resumes with the one it started with (``ResumableLoader``
     checks).
 
@@ -109,9 +109,7 @@ class SkipGramStream(IterableDataset):
         self.world_size = world_size
         self.chunk_tokens = chunk_tokens
         # (the library is looked up when used, not kept: a stream stays picklable for spawned loader workers)
-        if pair_shuffle == "auto" and world_size > 1:
-            pair_shuffle = "numpy"
-        self.pair_shuffle = "native" if shuffle and _native_pairs(pair_shuffle) is not None else "numpy"
+        self.pair_shuffle = "native" if shuffle and _native_pairs(pair_shuffle, world_size) is not None else "numpy"
         self.num_chunks = max(1, math.ceil(len(tokens) / chunk_tokens))
         self.epoch, self.start = 0, 0
         self.pairs_per_epoch = int(self._chunk_sizes(0).sum())
@@ -220,11 +218,12 @@ def _pair_count(windows: np.ndarray) -> int:
     return int(np.minimum(windows, position).sum() + np.minimum(windows, len(windows) - 1 - position).sum())
 
 
-def _native_pairs(pair_shuffle: str):
-    """word2vec's compiled library for ``pair_shuffle`` (None: numpy); ``native`` without a compiler raises."""
+def _native_pairs(pair_shuffle: str, world_size: int = 1):
+    """word2vec's compiled library for ``pair_shuffle`` (None: numpy; ``auto`` under DDP is numpy's, see
+    :class:`SkipGramStream`); ``native`` without a compiler raises."""
     if pair_shuffle not in ("auto", "native", "numpy"):
         raise ValueError(f"pair_shuffle={pair_shuffle!r}: expected 'auto', 'native' or 'numpy'")
-    if pair_shuffle == "numpy":
+    if pair_shuffle == "numpy" or (pair_shuffle == "auto" and world_size > 1):
         return None
     from lm_tying import native
 
