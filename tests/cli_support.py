@@ -295,21 +295,30 @@ def shipped_config_args(name: str, corpus: Path, **trainer: Any) -> list[str]:
 
 class RecordLosses(Callback):
     """Writes the loss each training step returned, per rank, to ``out_dir/losses<rank>.json`` at the end of fit
-    (appending to what an earlier, interrupted fit of the same run recorded)."""
+    (appending to what an earlier, interrupted fit of the same run recorded), and the number of batches each
+    validation ran to ``out_dir/val_batches<rank>.json``."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.losses: list[float] = []
+        self.val_batches: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.val_batches.append(0)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_batches[-1] += 1
+
     def _dump(self, trainer) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"losses{trainer.global_rank}.json"
-        previous = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(previous + self.losses))
+        for name, values in (("losses", self.losses), ("val_batches", self.val_batches)):
+            path = self.out_dir / f"{name}{trainer.global_rank}.json"
+            previous = json.loads(path.read_text()) if path.exists() else []
+            path.write_text(json.dumps(previous + values))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._dump(trainer)

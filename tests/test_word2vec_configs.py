@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cli_support import (
+    REPO,
     assert_same_state,
     callbacks_arg,
     load_ckpt,
@@ -60,6 +62,16 @@ def test_one_cpu_process_trains_with_the_engine_auto_picks(straight, name):
     assert_trains(losses(root / "record"))
     expected = "'sequential'" if name == "word2vec.yaml" else "'batched'"  # the tutorial's NCE + bias: batched
     assert expected in engine_line(proc)
+
+
+def test_validation_runs_the_number_of_batches_the_config_names(straight):
+    """LightningCLI reads ``limit_val_batches`` as a float (the Trainer's ``Union[float, int]``), so a config's 1
+    would reach Lightning as 1.0, every batch; the count must arrive as a count. (word2vec_cs20.yaml's shortened
+    run does not validate.)"""
+    root, _, _ = straight["word2vec.yaml"]
+    limit = yaml.safe_load((REPO / "configs" / "word2vec.yaml").read_text())["trainer"]["limit_val_batches"]
+    counts = json.loads((root / "record" / "val_batches0.json").read_text())
+    assert isinstance(limit, int) and counts and all(count == limit for count in counts), (limit, counts)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
