@@ -78,6 +78,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lm_tying" / "kernels"
 
 
+def cores_per_process(processes_per_machine: int = 1) -> int:
+    """This process's share of the cores it may run on, with ``processes_per_machine`` processes sharing them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(processes_per_machine, 1))
+
+
 def _say(message: str) -> None:
     """Tell the user, from the first process of a run only (rank 0 by the launchers' variables, as Lightning's
     ``rank_zero_info`` decides; this module does not import Lightning, so the CLI can start a build first)."""
@@ -110,7 +116,7 @@ class Library:
         lib.sequential_sgd.restype = None
         lib.alias_draws.argtypes = [ptr, ptr, i64, u64, i64, i64, ptr]
         lib.alias_draws.restype = None
-        lib.skipgram_pairs.argtypes = [ptr, ptr, i64, u64, ptr, i64]
+        lib.skipgram_pairs.argtypes = [ptr, ptr, i64, u64, ptr, i64, ctypes.c_int]
         lib.skipgram_pairs.restype = i64
         self._lib = lib
 
@@ -173,16 +179,19 @@ class Library:
         self._lib.alias_draws(accept.data_ptr(), alias.data_ptr(), accept.numel(), seed, first, count, out.data_ptr())
         return out
 
-    def skipgram_pairs(self, tokens: np.ndarray, windows: np.ndarray, seed: int, count: int) -> np.ndarray:
+    def skipgram_pairs(
+        self, tokens: np.ndarray, windows: np.ndarray, seed: int, count: int, threads: int = 1
+    ) -> np.ndarray:
         """The ``count`` skip-gram pairs of ``tokens`` (each position with the ``windows[i]`` positions on either
-        side), packed as ``center << 32 | context`` into int64, in a uniformly random order fixed by ``seed``."""
+        side), packed as ``center << 32 | context`` into int64, in a uniformly random order fixed by ``seed`` (the
+        same on any number of ``threads``)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         windows = np.ascontiguousarray(windows, dtype=np.int32)
         if tokens.shape != windows.shape or tokens.ndim != 1:
             raise ValueError("tokens and windows must be 1-d arrays of the same length")
         out = np.empty(count, dtype=np.int64)
         written = self._lib.skipgram_pairs(tokens.ctypes.data, windows.ctypes.data, len(tokens), seed,
-                                           out.ctypes.data, count)  # fmt: skip
+                                           out.ctypes.data, count, threads)  # fmt: skip
         if written != count:
             raise ValueError(f"{count} pairs expected, but the tokens and windows give another number")
         return out

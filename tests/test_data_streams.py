@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lm_tying.data import LanguageModelStream, ResumableLoader, SkipGramStream, Text8DataModule
-from lm_tying.data.streams import keep_probabilities, skipgram_pairs
+from lm_tying.data.streams import _pair_count, keep_probabilities, skipgram_pairs
 from lm_tying import native
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,6 +216,21 @@ def test_compiled_pairs_are_the_numpy_pairs_in_a_random_order_fixed_by_the_seed(
     assert ((counts - expected_counts) ** 2 / expected_counts).sum() < 30, counts  # chi2, 9 degrees of freedom
     rank = np.argsort(np.argsort(shuffled, kind="stable"), kind="stable")  # each pair's place in sorted order
     assert abs(np.corrcoef(rank[:-1], rank[1:])[0, 1]) < 0.02  # window order: close to 1
+
+
+def test_compiled_pairs_come_in_the_same_order_on_any_number_of_threads():
+    """Threads share out the positions and then the buckets, each taking its own draws of the seed's stream: a chunk
+    (here 4 segments of positions and 128 buckets) gets the one-thread order, so runs and resumes do not
+    depend on the machine's cores."""
+    needs_compiled_pairs("native")
+    library = native.library()
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 5000, 300_000).astype(np.int32)
+    windows = rng.integers(1, 6, 300_000).astype(np.int32)
+    count = _pair_count(windows)
+    one = library.skipgram_pairs(tokens, windows, 11, count, threads=1)
+    for threads in (2, 3, 16):
+        assert np.array_equal(library.skipgram_pairs(tokens, windows, 11, count, threads=threads), one), threads
 
 
 def test_resuming_with_another_number_of_workers_is_refused():

@@ -44,7 +44,7 @@ def test_the_name_follows_the_sources_not_where_they_lie(tmp_path, monkeypatch):
     elsewhere = tmp_path / "checkout" / "csrc"
     shutil.copytree(native.CSRC, elsewhere)
     monkeypatch.setattr(native, "CSRC", elsewhere)
-    assert [p.name for p in native.sources()] == ["random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp"]
+    assert [p.name for p in native.sources()] == ["pool.h", "random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp"]
     assert native.extension_name() == name
     for source in native.sources():
         original = source.read_bytes()

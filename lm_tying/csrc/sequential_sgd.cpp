@@ -24,18 +24,13 @@
 //
 // Plain C++ with a C interface (called through ctypes): no torch headers, so it builds in a second or two.
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "random.h"
 
 #if defined(__AVX2__)
@@ -151,63 +146,6 @@ struct FlushDenormals {
 #endif
 };
 
-// Threads kept between calls: a thread started for each call often begins on the core of the calling
-// thread and waits for the scheduler to move it (measured: a call at a third of its speed, now and then).
-class Pool {
- public:
-  // Runs job() on `threads` threads (the caller's included) and returns when all have finished.
-  void run(int threads, const std::function<void()>& job) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    while (static_cast<int>(workers_.size()) < threads - 1) {
-      const int id = static_cast<int>(workers_.size());
-      workers_.emplace_back([this, id, seen = generation_] { serve(id, seen); });  // it takes the next job
-    }
-    job_ = &job;
-    active_ = pending_ = threads - 1;
-    ++generation_;
-    wake_.notify_all();
-    lock.unlock();
-    job();
-    lock.lock();
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
-  }
-
- private:
-  void serve(int id, int64_t seen) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;
-      const std::function<void()>* job = job_;
-      lock.unlock();
-      (*job)();
-      lock.lock();
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> workers_;  // never joined: they wait for work until the process exits
-  const std::function<void()>* job_ = nullptr;
-  int64_t generation_ = 0;
-  int active_ = 0, pending_ = 0;
-};
-
-// The process's pool. A forked child has none of its parent's threads: it starts a pool of its own (the
-// parent's object, whose threads do not exist there, is left alone).
-Pool& pool() {
-  static Pool* current = nullptr;
-  static pid_t owner = 0;
-  if (current == nullptr || owner != getpid()) {
-    current = new Pool();
-    owner = getpid();
-  }
-  return *current;
-}
-
 struct Problem {
   float* E;
   float* W;
@@ -273,8 +211,7 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
   if (B == 0) return;
   const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
                   neg_weight, remove_accidental_hits != 0};
-  // Threads take chunks of groups from a shared counter rather than a fixed share each: on a VM whose
-  // vCPUs get descheduled a static split makes the whole call wait for the slowest thread.
+  // Threads take chunks of groups from a shared counter (lm_tying::parallel_for's reason), keeping their buffers.
   const int64_t chunk = std::max<int64_t>(1, 256 / P.G), chunks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   auto work = [&]() {
@@ -314,9 +251,7 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
       }
     }
   };
-  static std::mutex one_call_at_a_time;  // the pool serves one call; callers on other threads wait their turn
-  std::lock_guard<std::mutex> lock(one_call_at_a_time);
-  pool().run(std::max(threads, 1), work);
+  lm_tying::pool().run(std::max(threads, 1), work);
 }
 
 // out[i] = draw first + i of the stream of `seed` from the alias tables accept [V], alias [V], for i < count:

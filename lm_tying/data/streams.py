@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
+from lm_tying import native
+
 
 def keep_probabilities(counts: np.ndarray, threshold: float) -> np.ndarray:
     """word2vec's subsampling: keep a word of frequency ``f`` with probability ``(sqrt(f/t) + 1) * t/f``.
@@ -204,7 +206,9 @@ class SkipGramStream(IterableDataset):
         tokens, windows = self._subsample_and_windows(rng, chunk)
         if self.pair_shuffle == "native":
             library = _native_pairs("native")
-            return library.skipgram_pairs(tokens, windows, int(rng.integers(2**63)), _pair_count(windows))
+            # the training waits for these pairs: all of this rank's cores, unless a loader worker makes them
+            threads = 1 if torch.utils.data.get_worker_info() is not None else native.cores_per_process(self.world_size)
+            return library.skipgram_pairs(tokens, windows, int(rng.integers(2**63)), _pair_count(windows), threads)
         centers, contexts = skipgram_pairs(tokens.astype(np.int64), windows)
         pairs = (centers << 32) | contexts
         if self.shuffle:
@@ -225,8 +229,6 @@ def _native_pairs(pair_shuffle: str, world_size: int = 1):
         raise ValueError(f"pair_shuffle={pair_shuffle!r}: expected 'auto', 'native' or 'numpy'")
     if pair_shuffle == "numpy" or (pair_shuffle == "auto" and world_size > 1):
         return None
-    from lm_tying import native
-
     library = native.library()
     if library is None and pair_shuffle == "native":
         raise RuntimeError("pair_shuffle='native': the compiled code could not be built (see the warning above)")

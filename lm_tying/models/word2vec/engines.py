@@ -21,7 +21,6 @@ full per-pair step as in one process; autograd relies on DDP's gradient all-redu
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -132,8 +131,7 @@ def choose_threads(requested: int | None, pairs_per_update: int | None, processe
         return requested
     if pairs_per_update is not None and pairs_per_update < MIN_PAIRS_PER_THREAD:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(processes_per_machine, 1))
+    return native.cores_per_process(processes_per_machine)
 
 
 # ---------------------------------------------------------------------------------------------- engines
