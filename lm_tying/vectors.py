@@ -13,6 +13,7 @@ instructions a faster bf16 product preselects candidates that float32 then ranks
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -66,15 +67,15 @@ def _top_rows(query: torch.Tensor, u: torch.Tensor, u_bf16: torch.Tensor | None,
 
 def default_eval_file(name: str) -> str:
     """Path of one of gensim's bundled evaluation files (``questions-words.txt``, ``wordsim353.tsv``,
-    ``simlex999.txt``); a clear error when gensim is not installed."""
-    try:
-        from gensim.test.utils import datapath
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    ``simlex999.txt``); a clear error when gensim is not installed. Found where gensim's ``test.utils.datapath``
+    looks, without importing gensim (which imports scipy: ~1 s where nothing has yet)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"no evaluation file given and gensim is not installed to provide its {name!r}: pass a path, "
             f"or `pip install gensim` (or this project's [eval] extra)"
-        ) from err
-    path = datapath(name)
+        )
+    path = os.path.join(spec.submodule_search_locations[0], "test", "test_data", name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"gensim's evaluation file {path} is missing from the installation")
     return path

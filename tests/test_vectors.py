@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from lm_tying.vectors import WordVectors, _top_rows
+from lm_tying.vectors import WordVectors, _top_rows, default_eval_file
 
 gensim = pytest.importorskip("gensim")
 from gensim.models import KeyedVectors  # noqa: E402
@@ -209,6 +212,23 @@ def test_default_files_from_gensim():
     assert math.isfinite(spearman) and 95 < oov < 100
     acc, sections = wv.evaluate_word_analogies()  # gensim's questions-words.txt
     assert sections[-1]["section"] == "Total accuracy" and len(sections) == 15
+
+
+def test_default_files_are_gensims_found_without_importing_gensim(monkeypatch):
+    from gensim.test.utils import datapath
+
+    for name in ("questions-words.txt", "wordsim353.tsv", "simlex999.txt"):
+        assert default_eval_file(name) == datapath(name)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys; from lm_tying.vectors import default_eval_file; "
+         "default_eval_file('simlex999.txt'); print('gensim' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert imported.stdout.strip() == "False"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match="gensim is not installed to provide its 'wordsim353.tsv'"):
+        default_eval_file("wordsim353.tsv")
 
 
 @pytest.mark.parametrize("binary", [False, True])
