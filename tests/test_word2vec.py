@@ -18,6 +18,8 @@ import yaml
 from lm_tying.data import Text8DataModule
 from lm_tying import native
 from lm_tying.models.word2vec import Word2Vec
+from lm_tying.models.word2vec import model as word2vec_model
+from lm_tying.models.word2vec.model import auto_lr
 from lm_tying.models.word2vec.engines import BatchedEngine, EngineError, LearningRateHolder, choose_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -501,3 +503,27 @@ def test_step_per_update_carries_many_updates_with_the_same_maths_and_loss_table
     torch.testing.assert_close(many.output_weight, one.output_weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="set update_pairs"):
         Word2Vec(10, num_sampled=4, step_per_update=True)
+
+
+def test_auto_lr_is_word2vecs_double_on_small_corpora_and_word2vecs_own_at_text8s_size():
+    assert auto_lr(5_000) == auto_lr(1_925_773) == 0.05  # text8-head's training split
+    assert auto_lr(15_300_000) == pytest.approx(0.0254, abs=2e-4)  # text8's
+    assert auto_lr(16_000_000) == auto_lr(10**9) == 0.025
+    sizes = np.geomspace(2e6, 16e6, 20)
+    assert all(np.diff([auto_lr(int(n)) for n in sizes]) < 0)  # one smooth step down in between
+
+
+def test_lr_auto_takes_the_training_splits_size_from_the_data(tmp_path, make_corpus, monkeypatch):
+    seen = []
+    monkeypatch.setattr(word2vec_model, "auto_lr", lambda words: seen.append(words) or 0.0125)
+    model, trainer, dm = fit(tmp_path, make_corpus(planted_corpus(3000)), model_kw=dict(lr="auto"),
+                             trainer_kw=dict(max_steps=2, max_epochs=None))  # fmt: skip
+    assert seen == [len(dm.split_tokens("train"))]
+    assert model.optimizers().param_groups[0]["lr"] == 0.0125  # no decay in this run
+    with pytest.raises(ValueError, match="lr='auto' is a per-pair rate: it needs reduction='sum'"):
+        Word2Vec(vocab_size=100, lr="auto", reduction="mean")
+    with pytest.raises(ValueError, match="lr='auto' takes the rate from the training split's size"):
+        plain = Word2Vec(vocab_size=dm.num_words, lr="auto", reduction="sum", loss="negative_sampling", unique=False,
+                         share_negatives=4, output_bias=False, evaluate=False, threads=1)  # fmt: skip
+        L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(plain, dm.train_dataloader())  # fmt: skip

@@ -58,6 +58,13 @@ DEFAULT_PROBE_WORDS = (
 )  # fmt: skip
 
 
+def auto_lr(train_tokens: int) -> float:
+    """``lr: auto``: word2vec's per-pair learning rate for a training split of ``train_tokens`` words. 0.05 up to 2M
+    words (better than word2vec's 0.025 on text8-head, 1.9M), 0.025 from 16M (text8's size, where 0.05 loses
+    SimLex-999), and a power law through both in between (README, "word2vec")."""
+    return 0.05 * min(1.0, max(0.5, (2e6 / max(train_tokens, 1)) ** (1 / 3)))
+
+
 class Word2Vec(WordEmbeddingModule):
     """Skip-gram word2vec (input embedding, output weights and bias) with NCE or negative sampling."""
 
@@ -82,7 +89,7 @@ class Word2Vec(WordEmbeddingModule):
         init: Literal["tutorial", "word2vec"] = "tutorial",
         output_bias: bool = True,
         optimizer: Literal["sgd", "adagrad", "sparse_adam", "adam"] = "sgd",
-        lr: float = 1.0,
+        lr: float | Literal["auto"] = 1.0,
         reduction: Literal["mean", "sum"] = "mean",
         lr_decay: Literal["none", "linear"] = "none",
         min_lr_ratio: float = 1e-4,
@@ -125,7 +132,8 @@ class Word2Vec(WordEmbeddingModule):
                 word2vec C, which has none.
             optimizer: ``sgd`` (the tutorial's), ``adagrad`` / ``sparse_adam`` (sparse-aware), ``adam``
                 (dense only); all but ``sgd`` train through ``update: autograd``.
-            lr: Learning rate of the optimised loss (see ``reduction``).
+            lr: Learning rate of the optimised loss (see ``reduction``). ``auto`` (with ``reduction: sum``): the
+                per-pair rate for the size of the training split, :func:`auto_lr`.
             reduction: Batch reduction of the optimised loss. ``mean`` as tf.reduce_mean (the tutorial's
                 lr 1.0 at batch 128); ``sum``: every pair contributes a full step, so ``lr`` is per pair as in
                 word2vec C / gensim (0.025) and does not depend on the batch size. Logged losses are means.
@@ -192,6 +200,10 @@ class Word2Vec(WordEmbeddingModule):
             raise ValueError("step_per_update=true counts updates of update_pairs pairs as steps: set update_pairs")
         if threads is not None and threads < 1:
             raise ValueError(f"threads={threads}: expected a positive number of threads or null (auto)")
+        if lr == "auto" and reduction != "sum":
+            raise ValueError("lr='auto' is a per-pair rate: it needs reduction='sum' (or give lr a number)")
+        if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr={lr!r}: expected a positive number or 'auto'")
         self.automatic_optimization = False  # every engine steps by hand
 
         V, D = vocab_size, embedding_dim
@@ -265,11 +277,25 @@ class Word2Vec(WordEmbeddingModule):
     # ------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        opt = self.engine.optimizer(self.trained_tables(), h.lr)  # the engine was chosen in setup("fit")
+        opt = self.engine.optimizer(self.trained_tables(), self._learning_rate())  # engine: chosen in setup("fit")
         if h.lr_decay == "none":
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._linear_decay)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _learning_rate(self) -> float:
+        if self.hparams.lr != "auto":
+            return self.hparams.lr
+        split_tokens = getattr(self.attached_datamodule(), "split_tokens", None)
+        if split_tokens is None:
+            raise ValueError(
+                "lr='auto' takes the rate from the training split's size, which needs the project's DataModule: "
+                "give a number (--model.init_args.lr 0.025)"
+            )
+        words = len(split_tokens("train"))
+        lr = auto_lr(words)
+        rank_zero_info(f"Word2Vec: lr auto: {lr:.4g} per pair for a training split of {words:,} words")
+        return lr
 
     def _linear_decay(self, step: int) -> float:
         """word2vec's linear decay. The run's length is read at the first scheduler step, after a resumed
