@@ -20,7 +20,8 @@ from lm_tying import native
 from lm_tying.models.word2vec import Word2Vec
 from lm_tying.models.word2vec import model as word2vec_model
 from lm_tying.models.word2vec.model import auto_lr
-from lm_tying.models.word2vec.engines import BatchedEngine, EngineError, LearningRateHolder, choose_engine
+from lm_tying.models.word2vec.engines import BatchedEngine, EngineError, LearningRateHolder, choose_engine, kernel_loss
+from lm_tying.nce import negative_sampling_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,8 +136,38 @@ def test_sequential_kernel_is_per_pair_sgd(remove_hits, dim, num_sampled):
     torch.testing.assert_close(E, E_ref.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(W, W_ref.float(), rtol=1e-5, atol=1e-5)
     assert loss.item() == pytest.approx(loss_ref, rel=1e-5)
+    # lr 0: the loss of every pair at the tables as they are, nothing written (what evaluation uses)
+    E_start, W_start = E.clone(), W.clone()
+    loss = kernel.sequential_sgd(E, W, center, context, negatives, 0.0, 0.7, remove_hits, threads=2)
+    assert torch.equal(E, E_start) and torch.equal(W, W_start)
+    _, _, loss_ref = sequential_reference(E, W, center, context, negatives, 0.0, 0.7, remove_hits)
+    assert loss.item() == pytest.approx(loss_ref, rel=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         kernel.sequential_sgd(E, W, center + 30, context, negatives, 0.3, 0.7, False)
+
+
+def test_evaluation_loss_is_the_models_loss_scored_by_the_kernel():
+    """``kernel_loss`` (validation's and test's loss on CPU) is ``negative_sampling_loss`` on the same negatives, the
+    kernel's draws from the seed the generator gives, and leaves the tables as they were; NCE gets None (the caller
+    then runs ``compute_loss``)."""
+    if native.library() is None:
+        pytest.skip("no C++ compiler here: evaluation takes compute_loss")
+    model = small_model(loss="negative_sampling", sampler="unigram", unique=False, share_negatives=4,
+                        negative_weight=5 / 6, output_bias=False, reduction="sum", lr=0.05)  # fmt: skip
+    with torch.no_grad():
+        model.embedding.normal_(std=0.5)
+        model.output_weight.normal_(std=0.5)
+    tables = [t.detach().clone() for t in (model.embedding, model.output_weight)]
+    center, context = batch(n=41)
+    loss = kernel_loss(model, center, context, torch.Generator().manual_seed(5))
+    assert torch.equal(tables[0], model.embedding) and torch.equal(tables[1], model.output_weight)
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(5)))
+    groups = model.negative_groups(41)
+    drawn = native.library().alias_draws(model.sampler.alias_accept, model.sampler.alias, seed, groups * 6)
+    expected = negative_sampling_loss(model.output_weight, None, context, model.embedding[center],
+                                      drawn.view(groups, 6), negative_weight=5 / 6)  # fmt: skip
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kernel_loss(small_model(loss="nce"), center, context, None) is None
 
 
 def test_without_a_compiler_auto_uses_the_batched_engine_and_numpy_pairs_and_sequential_fails_clearly(

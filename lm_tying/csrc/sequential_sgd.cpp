@@ -187,6 +187,7 @@ inline void train_pair(const Problem& P, int64_t p, const int64_t* negs, std::ve
     if (same == distinct) rows[distinct++] = rows[j];
     g[same] += step;
   }
+  if (P.rate == 0.f) return;  // the loss alone (an evaluation): nothing is written
   if (distinct <= kBlock) {
     update_block(distinct, x, x, rows.data(), g.data(), D);
   } else {  // several passes: every one reads x as it was before the pair
@@ -203,7 +204,8 @@ inline void train_pair(const Problem& P, int64_t p, const int64_t* negs, std::ve
 // checks); or null: group g's K negatives are then draws g * K ... g * K + K - 1 of the stream of `seed`
 // from the alias tables accept [V] (float64), alias [V] (see alias_draws). remove_accidental_hits skips a
 // negative equal to the pair's context (as if its logit were -inf). Writes the summed loss of each group's
-// pairs (each before its own update) to group_loss [n].
+// pairs (each before its own update) to group_loss [n]. At lr 0 the tables are only read: the loss of every pair
+// at the tables as they are.
 extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D, const int64_t* center,
                                const int64_t* context, int64_t B, const int64_t* negatives, const double* accept,
                                const int64_t* alias, int64_t V, uint64_t seed, int64_t n, int64_t K, float lr,

@@ -179,22 +179,43 @@ class SequentialEngine(Engine):
 
     @torch.no_grad()
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
-        m, h = self.model, self.model.hparams
-        loss = self.kernel(
-            m.embedding, m.output_weight, center, context, self.negatives(center.numel(), context, generator), lr,
-            h.negative_weight, h.remove_accidental_hits, self.threads,
-        )  # fmt: skip
-        return loss.float() / center.numel()
+        return kernel_pass(self.kernel, self.model, center, context, lr, generator, self.threads)
 
-    def negatives(self, pairs: int, context: Tensor, generator: torch.Generator | None) -> Tensor | native.AliasDraws:
-        """Grouped draws from the unigram sampler are made by the kernel, from a seed drawn from torch's generator (so
-        the checkpointed RNG state fixes them); other draws (one shared by the batch, log-uniform) by the sampler."""
-        m, groups = self.model, self.model.negative_groups(pairs)
-        if groups is not None and isinstance(m.sampler, UnigramSampler):
-            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-            return native.AliasDraws(m.sampler.alias_accept, m.sampler.alias, groups, m.hparams.num_sampled, seed)
+
+def kernel_pass(
+    kernel: Callable[..., Tensor], model: Word2Vec, center: Tensor, context: Tensor, lr: float,
+    generator: torch.Generator | None, threads: int,
+) -> Tensor:  # fmt: skip
+    """One call of the compiled kernel on these pairs at ``lr`` (0: the loss alone, nothing written); their mean
+    loss, each pair's taken before its own update.
+
+    Grouped draws from the unigram sampler are made by the kernel, from a seed drawn from torch's generator (so the
+    checkpointed RNG state fixes them); other draws (one shared by the batch, log-uniform) by the sampler."""
+    m, h, groups = model, model.hparams, model.negative_groups(center.numel())
+    if groups is not None and isinstance(m.sampler, UnigramSampler):
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+        negatives = native.AliasDraws(m.sampler.alias_accept, m.sampler.alias, groups, h.num_sampled, seed)
+    else:
         sampled = m.sample_negatives(context, generator).sampled
-        return sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
+        negatives = sampled.view(-1, sampled.shape[-1])  # one draw for the whole batch: [K] -> [1, K]
+    loss = kernel(m.embedding, m.output_weight, center, context, negatives, lr, h.negative_weight,
+                  h.remove_accidental_hits, threads)  # fmt: skip
+    return loss.float() / center.numel()
+
+
+@torch.no_grad()
+def kernel_loss(model: Word2Vec, center: Tensor, context: Tensor, generator: torch.Generator | None) -> Tensor | None:
+    """The mean loss of these pairs at the current tables, scored by the compiled kernel (at lr 0) where it computes
+    this model's loss: faster than :meth:`Word2Vec.compute_loss`, whose row gathers (~0.5 GB for an evaluation
+    batch of 262,144 pairs) are most of its time. None elsewhere (a GPU, NCE, an output bias, no compiler)."""
+    h, table = model.hparams, model.output_weight
+    if table.device.type != "cpu" or table.dtype != torch.float32 or h.loss != "negative_sampling" or h.output_bias:
+        return None
+    library = native.library()
+    if library is None:
+        return None
+    threads = native.cores_per_process(model.trainer.num_devices if model._trainer is not None else 1)
+    return kernel_pass(library.sequential_sgd, model, center, context, 0.0, generator, threads)
 
 
 class BatchedEngine(Engine):

@@ -40,6 +40,7 @@ from lm_tying.models.word2vec.engines import (
     build_engine,
     choose_engine,
     choose_threads,
+    kernel_loss,
 )
 from lm_tying.nce import (
     CandidateSampler,
@@ -520,7 +521,9 @@ class Word2Vec(WordEmbeddingModule):
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
         center, context = batch
-        loss = self.compute_loss(center, context, self._val_generator)
+        loss = kernel_loss(self, center, context, self._val_generator)
+        if loss is None:
+            loss = self.compute_loss(center, context, self._val_generator)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=center.numel(), sync_dist=True)
 
     def _eval_epoch_end(self, stage: str) -> None:
