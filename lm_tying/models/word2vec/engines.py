@@ -214,7 +214,8 @@ def kernel_loss(model: Word2Vec, center: Tensor, context: Tensor, generator: tor
     library = native.library()
     if library is None:
         return None
-    threads = native.cores_per_process(model.trainer.num_devices if model._trainer is not None else 1)
+    processes = model.trainer.num_devices if model._trainer is not None else 1
+    threads = choose_threads(None, center.numel(), processes)
     return kernel_pass(library.sequential_sgd, model, center, context, 0.0, generator, threads)
 
 
