@@ -61,9 +61,9 @@ DEFAULT_PROBE_WORDS = (
 
 def auto_lr(train_tokens: int) -> float:
     """``lr: auto``: word2vec's per-pair learning rate for a training split of ``train_tokens`` words. 0.05 up to 2M
-    words (better than word2vec's 0.025 on text8-head, 1.9M), 0.025 from 16M (text8's size, where 0.05 loses
-    SimLex-999), and a power law through both in between (README, "word2vec")."""
-    return 0.05 * min(1.0, max(0.5, (2e6 / max(train_tokens, 1)) ** (1 / 3)))
+    words (better than word2vec's 0.025 on text8-head, 1.9M), 0.0125 from 16M (text8's size, where 0.025 and above
+    lose analogies and SimLex-999), and a power law through both in between (README, "word2vec")."""
+    return 0.05 * min(1.0, max(0.25, (2e6 / max(train_tokens, 1)) ** (2 / 3)))
 
 
 class Word2Vec(WordEmbeddingModule):
