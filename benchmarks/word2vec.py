@@ -10,7 +10,10 @@
   --seed_everything SEED`` in a subprocess (imports, data, kernel load, training, the config's evaluation,
   checkpoints), against ``benchmarks/word2vec_gensim.py`` (gensim reading the same corpus, training on the same
   first 90 %, evaluating), each seed ours then gensim back to back; the vectors of our ``last.ckpt`` are
-  evaluated afterwards, untimed. The first seed is a first run, as in a fresh checkout (an empty kernel cache
+  evaluated afterwards, untimed. Each process's CPU time (user + system, its children included) is printed
+  beside its wall time: the work each did, not counting time other jobs held the cores (their contention for
+  caches and memory still counts). The first seed is a
+  first run, as in a fresh checkout (an empty kernel cache
   and data directory: the compiled code is built and the corpus encoded; ``--no-first-run`` to skip); later
   seeds reuse both, as a user's second run does.
 - ``startup``: where our time before the first step goes, each phase in a fresh process: Python, ``import
@@ -42,6 +45,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -235,16 +239,18 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], cwd: Path, log: Path, **env: str) -> float:
-    """Wall time of ``command`` as a user's shell would time it (``env``: extra variables); its output goes to
-    ``log``."""
+def timed(command: list[str], cwd: Path, log: Path, **env: str) -> tuple[float, float]:
+    """Wall time of ``command`` as a user's shell would time it, and the CPU time (user + system) of it and its
+    children (a first run's compiler included); ``env``: extra variables. Its output goes to ``log``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env() | env)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode}); its output: {log}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def fit_command(args, seed: int, run_name: str, *extra: str) -> list[str]:
@@ -266,7 +272,7 @@ def run_whole(args, cfg) -> None:
         extra += ["--data.min_count", str(matched)]
         print(f"the vocabulary cap binds: ours runs with gensim's effective min_count {matched} (--data.min_count)")
     print(f"\n== whole process ({load_average()}) ==")
-    print(f"{'':10s} {'seed':>4s} {'wall s':>7s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
+    print(f"{'':10s} {'seed':>4s} {'wall s':>7s} {'cpu s':>7s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
     ours_runs, their_runs = [], []
     for seed in range(args.seed, args.seed + args.repeats):
         command, env, name = fit_command(args, seed, f"bench_{seed}", *extra), {}, "lm-tying"
@@ -274,24 +280,25 @@ def run_whole(args, cfg) -> None:
             fresh = Path(tempfile.mkdtemp(prefix="first_run_", dir=work))
             command += ["--data.data_dir", str(fresh / "data")]
             env["LM_TYING_KERNEL_CACHE"], name = str(fresh / "kernels"), "lm-tying*"
-        wall = timed(command, work, work / f"lm_tying_{seed}.log", **env)
+        wall, cpu = timed(command, work, work / f"lm_tying_{seed}.log", **env)
         model = Word2Vec.load_from_checkpoint(work / "checkpoints" / f"bench_{seed}" / "last.ckpt", map_location="cpu")
-        rows = [dict(name=name, whole=wall, **evaluate(model.word_vectors()))]
+        rows = [dict(name=name, whole=wall, cpu=cpu, **evaluate(model.word_vectors()))]
         ours_runs.append(rows[0])
         if not args.no_gensim:
             log = work / f"gensim_{seed}.log"
             command = [sys.executable, str(ROOT / "benchmarks" / "word2vec_gensim.py"), "--corpus", str(Path(args.corpus).resolve()),
                        "--seed", str(seed), "--train-fraction", str(split), "--epochs", str(epochs),
                        "--workers", str(args.threads or os.cpu_count())]  # fmt: skip
-            wall = timed(command, work, log)
-            rows.append(dict(name="gensim", whole=wall, **json.loads(log.read_text().splitlines()[-1])))
+            wall, cpu = timed(command, work, log)
+            rows.append(dict(name="gensim", whole=wall, cpu=cpu, **json.loads(log.read_text().splitlines()[-1])))
             their_runs.append(rows[1])
         for r in rows:
             phases = ", ".join(f"{k[:-2]} {r[k]:.1f} s" for k in ("import_s", "read_s", "train_s", "evaluate_s") if k in r)
-            print(f"{r['name']:10s} {seed:4d} {r['whole']:7.1f} {100 * r['analogy']:7.2f}% {r['wordsim353']:7.3f} "
+            print(f"{r['name']:10s} {seed:4d} {r['whole']:7.1f} {r['cpu']:7.1f} {100 * r['analogy']:7.2f}% {r['wordsim353']:7.3f} "
                   f"{r['simlex999']:7.3f}  {phases}")  # fmt: skip
         if len(rows) == 2:
-            print(f"{'ratio':10s} {'':4s} {rows[0]['whole'] / rows[1]['whole']:7.2f}   ({load_average()})")
+            print(f"{'ratio':10s} {'':4s} {rows[0]['whole'] / rows[1]['whole']:7.2f} {rows[0]['cpu'] / rows[1]['cpu']:7.2f}"
+                  f"   ({load_average()})")  # fmt: skip
     if not args.no_first_run:
         print("lm-tying*: a first run (the compiled code built and the corpus encoded, as in a fresh checkout)")
     if their_runs:
@@ -333,7 +340,7 @@ def run_startup(args, cfg) -> None:
         wall, own = sorted(runs)[1]
         print(f"{name:24s} {wall if name == 'python' else own:6.2f} s")
         before += statement + "\n"
-    wall = timed(fit_command(args, args.seed, "bench_no_training", "--trainer.max_steps", "0"), work, work / "no_training.log")
+    wall, _ = timed(fit_command(args, args.seed, "bench_no_training", "--trainer.max_steps", "0"), work, work / "no_training.log")
     print(f"{'lm-tying fit, 0 steps':24s} {wall:6.2f} s   (the whole command without training; {load_average()})")
 
 
@@ -424,6 +431,9 @@ def summarise(ours: list[dict], theirs: list[dict], timing: str) -> None:
     ratios = [a[timing] / b[timing] for a, b in zip(ours, theirs)]
     print(f"\nover {len(ours)} seed(s): median {timing} time ratio {float(np.median(ratios)):.2f} "
           f"(per seed {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    if all("cpu" in r for r in ours + theirs):
+        cpu = [a["cpu"] / b["cpu"] for a, b in zip(ours, theirs)]
+        print(f"median CPU time ratio {float(np.median(cpu)):.2f} (per seed {', '.join(f'{r:.2f}' for r in cpu)})")
     print(f"{'mean':10s} {'analogy':>8s} {'WS-353':>7s} {'SimLex':>7s}")
     for name in ("ours", "gensim"):
         m = mean[name]
