@@ -12,10 +12,9 @@
   first 90 %, evaluating), each seed ours then gensim back to back; the vectors of our ``last.ckpt`` are
   evaluated afterwards, untimed. Each process's CPU time (user + system, its children included) is printed
   beside its wall time: the work each did, not counting time other jobs held the cores (their contention for
-  caches and memory still counts). The first seed is a
-  first run, as in a fresh checkout (an empty kernel cache
-  and data directory: the compiled code is built and the corpus encoded; ``--no-first-run`` to skip); later
-  seeds reuse both, as a user's second run does.
+  caches and memory still counts). The first seed is a first run, as in a fresh checkout (an empty kernel
+  cache and data directory: the compiled code is built and the corpus encoded; ``--no-first-run`` to skip);
+  later seeds reuse both, as a user's second run does.
 - ``startup``: where our time before the first step goes, each phase in a fresh process: Python, ``import
   lm_tying.cli``, ``import torch``, ``import lightning`` (both with the cycle collector paused, as the CLI
   imports them), loading the compiled kernel, loading the cached corpus; and the whole command with
