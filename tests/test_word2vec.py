@@ -537,20 +537,22 @@ def test_step_per_update_carries_many_updates_with_the_same_maths_and_loss_table
 
 
 def test_auto_lr_is_word2vecs_double_on_small_corpora_and_half_of_word2vecs_at_text8s_size():
-    assert auto_lr(5_000) == auto_lr(1_925_773) == 0.05  # text8-head's training split
-    assert auto_lr(15_300_000) == pytest.approx(0.0129, abs=1e-4)  # text8's
-    assert auto_lr(16_000_000) == auto_lr(10**9) == 0.0125
-    sizes = np.geomspace(2e6, 16e6, 20)
+    assert auto_lr(5_000) == auto_lr(5 * 1_925_773) == 0.05  # text8-head's training split, 5 epochs
+    assert auto_lr(5 * 15_300_000) == pytest.approx(0.0129, abs=1e-4)  # text8's
+    assert auto_lr(80_000_000) == auto_lr(10**10) == 0.0125
+    sizes = np.geomspace(1e7, 8e7, 20)
     assert all(np.diff([auto_lr(int(n)) for n in sizes]) < 0)  # one smooth step down in between
 
 
 def test_lr_auto_takes_the_training_splits_size_from_the_data(tmp_path, make_corpus, monkeypatch):
     seen = []
     monkeypatch.setattr(word2vec_model, "auto_lr", lambda words: seen.append(words) or 0.0125)
-    model, trainer, dm = fit(tmp_path, make_corpus(planted_corpus(3000)), model_kw=dict(lr="auto"),
-                             trainer_kw=dict(max_steps=2, max_epochs=None))  # fmt: skip
-    assert seen == [len(dm.split_tokens("train"))]
+    corpus = make_corpus(planted_corpus(3000))
+    model, trainer, dm = fit(tmp_path, corpus, model_kw=dict(lr="auto"), trainer_kw=dict(max_steps=2, max_epochs=None))
+    assert seen == [len(dm.split_tokens("train"))]  # bounded by steps alone: one pass
     assert model.optimizers().param_groups[0]["lr"] == 0.0125  # no decay in this run
+    fit(tmp_path, corpus, model_kw=dict(lr="auto"), trainer_kw=dict(max_steps=2, max_epochs=3))
+    assert seen[1] == 3 * len(dm.split_tokens("train"))  # the split once per epoch
     with pytest.raises(ValueError, match="lr='auto' is a per-pair rate: it needs reduction='sum'"):
         Word2Vec(vocab_size=100, lr="auto", reduction="mean")
     with pytest.raises(ValueError, match="lr='auto' takes the rate from the training split's size"):
