@@ -59,15 +59,21 @@ class EngineChoice:
     reason: str
 
 
-def sequential_requirements(hparams: Any) -> list[str]:
-    """The settings the compiled per-pair kernel needs that ``hparams`` does not have."""
+def kernel_loss_requirements(hparams: Any) -> list[str]:
+    """The settings under which the compiled kernel computes the model's loss that ``hparams`` does not have."""
     missing = []
-    if hparams.optimizer != "sgd":
-        missing.append("optimizer: sgd")
     if hparams.loss != "negative_sampling":
         missing.append("loss: negative_sampling")
     if hparams.output_bias:
         missing.append("output_bias: false")
+    return missing
+
+
+def sequential_requirements(hparams: Any) -> list[str]:
+    """The settings the compiled per-pair kernel needs to train that ``hparams`` does not have: its loss's, and SGD
+    with a step per pair."""
+    missing = [] if hparams.optimizer == "sgd" else ["optimizer: sgd"]
+    missing += kernel_loss_requirements(hparams)
     if hparams.reduction != "sum":
         missing.append("reduction: sum")
     return missing
@@ -208,8 +214,8 @@ def kernel_loss(model: Word2Vec, center: Tensor, context: Tensor, generator: tor
     """The mean loss of these pairs at the current tables, scored by the compiled kernel (at lr 0) where it computes
     this model's loss: faster than :meth:`Word2Vec.compute_loss`, whose row gathers (~0.5 GB for an evaluation
     batch of 262,144 pairs) are most of its time. None elsewhere (a GPU, NCE, an output bias, no compiler)."""
-    h, table = model.hparams, model.output_weight
-    if table.device.type != "cpu" or table.dtype != torch.float32 or h.loss != "negative_sampling" or h.output_bias:
+    table = model.output_weight
+    if table.device.type != "cpu" or table.dtype != torch.float32 or kernel_loss_requirements(model.hparams):
         return None
     library = native.library()
     if library is None:
