@@ -102,7 +102,7 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
             E, W = torch.randn(500, 16, generator=g) * 0.1, torch.zeros(500, 16)
             center, context = torch.randint(0, 500, (2, 20000), generator=g)
             negatives = torch.randint(0, 500, (5000, 3), generator=g)
-            loss = kernel.sequential_sgd(E, W, center, context, negatives, 0.05, 1.0, False, threads=threads)
+            loss = kernel.sequential_sgd(E, W, center, context, negatives, 0.005, 1.0, False, threads=threads)
             return float(loss), float(W.abs().sum())
         one = train(1)
         for threads in (2, 4, 1, 3, 2, 2):
@@ -124,6 +124,31 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
         print("ok")
     """)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_each_threads_copy_of_the_frequent_words_rows_adds_all_its_steps_to_the_table():
+    """With more than one thread, each thread updates its own copy of W's first rows (up to 512 KB: all 500 rows of
+    a [500, 16] table, 8,192 of a [40,000, 16] one) and adds its changes to W now and then. At a rate so small that
+    no step changes the next ones' scores much, the tables after a call are the sum of the pairs' steps
+    whatever the threads and the order: a copy whose changes were lost, or added twice, would leave W a good share
+    away from the one-thread result."""
+    needs_compiler()
+    kernel = native.library()
+
+    def train(threads: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        E, W = torch.randn(V, 16, generator=g) * 0.1, torch.randn(V, 16, generator=g) * 0.1
+        center, context = torch.randint(0, V, (2, 300_000), generator=g)
+        negatives = torch.randint(0, V, (75_000, 3), generator=g)
+        if threads:
+            kernel.sequential_sgd(E, W, center, context, negatives, 1e-4, 1.0, False, threads=threads)
+        return E, W
+
+    for V in (500, 40_000):
+        before, one = train(0, V), train(1, V)
+        for threads in (2, 3, 4):
+            for table, reference, start in zip(train(threads, V), one, before):
+                assert (table - reference).norm() < 0.02 * (reference - start).norm(), (V, threads)
 
 
 def test_the_kernel_checks_its_inputs():

@@ -17,7 +17,12 @@
 //
 // Groups are shared out among `threads` threads (kept between calls), which update the shared tables without locks
 // (Hogwild!, as word2vec C and gensim): with one thread the result is exactly the sequential one, with more
-// a row hit by two threads at once may lose an update.
+// a row hit by two threads at once may lose an update. Except W's first rows, the most frequent words' (the
+// vocabulary's ids are in order of frequency), which every thread writes all the time as contexts and negatives:
+// written from two cores, they would go back and forth between the cores' caches at every write. With more than
+// one thread, each thread trains its own copy of them and, whenever the threads have trained kExchangePairs pairs
+// since, adds its copy's change to W and copies W's rows again (as it leaves the call too): a thread sees the
+// others' steps on these rows about kExchangePairs pairs late, and none is lost.
 //
 // The negatives are the caller's, or drawn here from the sampler's alias tables, group after group from one
 // counter-based stream (random.h): the draws depend on the seed alone, not on the threads.
@@ -28,6 +33,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "pool.h"
@@ -146,6 +152,25 @@ struct FlushDenormals {
 #endif
 };
 
+// W's first rows copied by each thread (up to this size: 1024 rows at D = 128), and how often they meet in W.
+constexpr int64_t kOwnRowsBytes = 512 << 10, kExchangePairs = 32768;
+
+// A thread's copy of W's first rows: `rows` as it updates them, `taken` as they were in W when it copied them.
+struct OwnRows {
+  std::vector<float> rows, taken;
+
+  // Adds the change since the last exchange to W's rows and copies them again (other threads' changes included);
+  // one thread at a time, or two threads adding at once would lose one's changes.
+  void exchange(float* W, std::mutex& one_at_a_time) {
+    std::lock_guard<std::mutex> lock(one_at_a_time);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const float now = W[i] + (rows[i] - taken[i]);
+      W[i] = now;
+      rows[i] = taken[i] = now;
+    }
+  }
+};
+
 struct Problem {
   float* E;
   float* W;
@@ -153,6 +178,10 @@ struct Problem {
   const int64_t *center, *context, *negatives;
   float rate, neg_weight;
   bool remove_accidental_hits;
+  float* own_W = nullptr;  // this thread's copy of W's first `own_rows` rows, or null
+  int64_t own_rows = 0;
+
+  float* w_row(int64_t word) const { return word < own_rows ? own_W + word * D : W + word * D; }
 };
 
 // The loss (before the update) and the update of pair p, whose group's negatives are `negs`.
@@ -163,11 +192,11 @@ inline void train_pair(const Problem& P, int64_t p, const int64_t* negs, std::ve
   float* x = P.E + P.center[p] * D;
   // the distinct rows of the pair (a row drawn twice is one row with both steps), the true one first
   int count = 0;
-  rows[count] = P.W + t * D;
+  rows[count] = P.w_row(t);
   g[count++] = 0.f;
   for (int64_t k = 0; k < P.K; ++k) {
     if (P.remove_accidental_hits && negs[k] == t) continue;  // as word2vec C and gensim always do
-    rows[count] = P.W + negs[k] * D;
+    rows[count] = P.w_row(negs[k]);
     g[count++] = 0.f;
   }
   for (int j = 0; j < count; j += kBlock) scores_block(std::min(kBlock, count - j), x, &rows[j], &s[j], D);
@@ -211,13 +240,26 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
                                const int64_t* alias, int64_t V, uint64_t seed, int64_t n, int64_t K, float lr,
                                float neg_weight, int remove_accidental_hits, int threads, double* group_loss) {
   if (B == 0) return;
-  const Problem P{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
-                  neg_weight, remove_accidental_hits != 0};
+  const Problem shared{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
+                       neg_weight, remove_accidental_hits != 0};
+  threads = std::max(threads, 1);
+  const int64_t own_rows = threads > 1 && lr != 0.f ? std::min(V, kOwnRowsBytes / (D * int64_t(sizeof(float)))) : 0;
   // Threads take chunks of groups from a shared counter (lm_tying::parallel_for's reason), keeping their buffers.
-  const int64_t chunk = std::max<int64_t>(1, 256 / P.G), chunks = (n + chunk - 1) / chunk;
+  const int64_t chunk = std::max<int64_t>(1, 256 / shared.G), chunks = (n + chunk - 1) / chunk;
+  const int64_t exchange_chunks = std::max<int64_t>(1, kExchangePairs / (chunk * shared.G));
   std::atomic<int64_t> next{0};
+  std::mutex exchanging;
   auto work = [&]() {
     FlushDenormals flush;
+    Problem P = shared;
+    OwnRows own;
+    int64_t copied = next.load();  // chunks taken when this thread last copied W's rows
+    if (own_rows > 0) {
+      own.rows.assign(output_weight, output_weight + own_rows * D);
+      own.taken = own.rows;
+      P.own_W = own.rows.data();
+      P.own_rows = own_rows;
+    }
     std::vector<float*> rows(K + 1);
     std::vector<float> s(K + 1), g(K + 1), x_in(D);
     std::vector<int64_t> drawn(2 * K);  // this group's and the next group's draws
@@ -228,20 +270,24 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
       return out;
     };
     for (int64_t taken = next++; taken < chunks; taken = next++) {
+      if (own_rows > 0 && taken - copied >= exchange_chunks) {  // kExchangePairs since: also after a preemption
+        own.exchange(output_weight, exchanging);
+        copied = taken;
+      }
       const int64_t begin = taken * chunk, end = std::min(n, begin + chunk);
       const int64_t* upcoming = group_negatives(begin);
       for (int64_t grp = begin; grp < end; ++grp) {
         const int64_t* negs = upcoming;
         if (grp + 1 < end) {
           upcoming = group_negatives(grp + 1);
-          for (int64_t k = 0; k < K; ++k) prefetch_row(output_weight + upcoming[k] * D, D);
+          for (int64_t k = 0; k < K; ++k) prefetch_row(P.w_row(upcoming[k]), D);
         }
         double linear = 0.0, true_factors = 1.0, neg_factors = 1.0;  // loss = linear + log(factors)
         const int64_t last = std::min(B, (grp + 1) * P.G);
         for (int64_t p = grp * P.G; p < last; ++p) {
           if (p + 8 < B) {
             prefetch_row(embedding + center[p + 8] * D, D);
-            prefetch_row(output_weight + context[p + 8] * D, D);
+            prefetch_row(P.w_row(context[p + 8]), D);
           }
           train_pair(P, p, negs, rows, s, g, x_in, linear, true_factors, neg_factors);
           if (neg_factors > 1e200 || true_factors > 1e200) {  // long groups: fold the products in early
@@ -252,8 +298,9 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
         group_loss[grp] = linear + std::log(true_factors) + neg_weight * std::log(neg_factors);
       }
     }
+    if (own_rows > 0) own.exchange(output_weight, exchanging);
   };
-  lm_tying::pool().run(std::max(threads, 1), work);
+  lm_tying::pool().run(threads, work);
 }
 
 // out[i] = draw first + i of the stream of `seed` from the alias tables accept [V], alias [V], for i < count:
