@@ -127,8 +127,8 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
 
 
 def test_each_threads_copy_of_the_frequent_words_rows_adds_all_its_steps_to_the_table():
-    """With more than one thread, each thread updates its own copy of W's first rows (up to 512 KB: all 500 rows of
-    a [500, 16] table, 8,192 of a [40,000, 16] one) and adds its changes to W now and then. At a rate so small that
+    """With more than one thread, each thread updates its own copy of W's first rows (up to 128 KB: all 500 rows of
+    a [500, 16] table, 2,048 of a [40,000, 16] one) and adds its changes to W now and then. At a rate so small that
     no step changes the next ones' scores much, the tables after a call are the sum of the pairs' steps
     whatever the threads and the order: a copy whose changes were lost, or added twice, would leave W a good share
     away from the one-thread result."""

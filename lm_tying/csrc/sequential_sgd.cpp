@@ -152,8 +152,8 @@ struct FlushDenormals {
 #endif
 };
 
-// W's first rows copied by each thread (up to this size: 1024 rows at D = 128), and how often they meet in W.
-constexpr int64_t kOwnRowsBytes = 512 << 10, kExchangePairs = 32768;
+// W's first rows copied by each thread (up to this size: 256 rows at D = 128), and how often they meet in W.
+constexpr int64_t kOwnRowsBytes = 128 << 10, kExchangePairs = 4096;
 
 // A thread's copy of W's first rows: `rows` as it updates them, `taken` as they were in W when it copied them.
 struct OwnRows {
