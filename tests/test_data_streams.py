@@ -218,6 +218,18 @@ def test_compiled_pairs_are_the_numpy_pairs_in_a_random_order_fixed_by_the_seed(
     assert abs(np.corrcoef(rank[:-1], rank[1:])[0, 1]) < 0.02  # window order: close to 1
 
 
+def test_the_pair_count_is_each_positions_window_cut_at_the_ends():
+    """``_pair_count`` (the compiled generator's expected count, and the epoch's size) against its definition, on
+    sequences shorter than, as long as and longer than the windows."""
+    rng = np.random.default_rng(3)
+    for n in [0, 1, 2, 3, 5, 6, 11, 100, 10_000]:
+        for high in (1, 5, 20):
+            windows = rng.integers(1, high + 1, n).astype(np.int32)
+            position = np.arange(n)
+            expected = np.minimum(windows, position).sum() + np.minimum(windows, n - 1 - position).sum()
+            assert _pair_count(windows) == expected == len(skipgram_pairs(np.arange(n, dtype=np.int32), windows)[0])
+
+
 def test_compiled_pairs_come_in_the_same_order_on_any_number_of_threads():
     """Threads share out the positions and then the buckets, each taking its own draws of the seed's stream: a chunk
     (here 4 segments of positions and 128 buckets) gets the one-thread order, so runs and resumes do not
