@@ -91,7 +91,8 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
     """The threads kept between calls: calls on 1-4 threads in any order finish (a worker that missed its call
     would leave the caller waiting) with the 1-thread result up to the order of the pairs (lock-free threads),
     calls from two Python threads at once take turns, and a forked child, which has none of its parent's threads,
-    gets threads of its own."""
+    gets threads of its own. (At a small rate: on these 500 rows, all of them copied per thread, the copies' lag
+    moves a high rate's result further, see the next test.)"""
     needs_compiler()
     done = run_python("""
         import os, torch

@@ -243,7 +243,8 @@ extern "C" void sequential_sgd(float* embedding, float* output_weight, int64_t D
   const Problem shared{embedding, output_weight, D, B, n, K, (B + n - 1) / n, center, context, negatives, lr,
                        neg_weight, remove_accidental_hits != 0};
   threads = std::max(threads, 1);
-  const int64_t own_rows = threads > 1 && lr != 0.f ? std::min(V, kOwnRowsBytes / (D * int64_t(sizeof(float)))) : 0;
+  const int64_t own_rows =
+      threads > 1 && lr != 0.f && D > 0 ? std::min(V, kOwnRowsBytes / (D * int64_t(sizeof(float)))) : 0;
   // Threads take chunks of groups from a shared counter (lm_tying::parallel_for's reason), keeping their buffers.
   const int64_t chunk = std::max<int64_t>(1, 256 / shared.G), chunks = (n + chunk - 1) / chunk;
   const int64_t exchange_chunks = std::max<int64_t>(1, kExchangePairs / (chunk * shared.G));
