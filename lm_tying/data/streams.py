@@ -138,8 +138,7 @@ class SkipGramStream(IterableDataset):
             g = (self.rank * self.batches_per_rank + i) % self.num_batches
             lo, hi = g * self.batch_size, min((g + 1) * self.batch_size, self.pairs_per_epoch)
             pairs = self._pairs_between(epoch, order, ends, lo, hi, cache)
-            packed = torch.from_numpy(pairs)
-            yield packed >> 32, packed & 0xFFFFFFFF
+            yield torch.from_numpy(pairs >> 32), torch.from_numpy(pairs & 0xFFFFFFFF)
 
     def _worker_batches(self) -> range:
         """This worker's batches (of this rank), after the ``start`` already handed out.
