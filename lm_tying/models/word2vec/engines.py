@@ -94,8 +94,8 @@ def choose_engine(hparams: dict[str, Any], device: torch.device, world_size: int
             update, reason = "autograd", f"optimizer {h.optimizer!r} needs autograd"
         elif not cpu:
             update, reason = "batched", f"on {device.type} (the per-pair kernel is CPU-only)"
-        elif sequential_requirements(h):
-            update, reason = "batched", "per-pair kernel needs " + ", ".join(sequential_requirements(h))
+        elif missing := sequential_requirements(h):
+            update, reason = "batched", "per-pair kernel needs " + ", ".join(missing)
         elif native.library() is None:
             update, reason = "batched", "the per-pair kernel could not be built (see the warning above)"
         else:
