@@ -1,9 +1,12 @@
-"""Benchmark: small updates and busy machines -- ``configs/word2vec_cs20.yaml`` (128-pair updates) steps/s
-with the default thread setting against fixed thread counts, on the machine as it is and with a CPU-bound
-process running beside it.
+"""Benchmark: threads and busy machines -- a word2vec config's training steps/s with the default thread setting
+(``threads: null``) against fixed thread counts, on the machine as it is and with a CPU-bound process running
+beside it. ``configs/word2vec_cs20.yaml`` (the default here): 128-pair updates, where a second thread only adds
+waiting; ``configs/word2vec.yaml``: the per-pair kernel's 262,144-pair calls, where the default uses the cores
+and one thread while one is measured faster.
 
     python benchmarks/word2vec_threads.py --corpus ../shared/data/text8-head.zip
     python benchmarks/word2vec_threads.py --corpus ../shared/data/text8-head.zip --steps 3000 --repeats 3
+    python benchmarks/word2vec_threads.py --corpus ../shared/data/text8-head.zip --config configs/word2vec.yaml --steps 62
 
 Each repeat runs every setting once per condition, interleaved (quiet, then contended), so that drifts of
 the machine's load hit all settings alike; printed: median steps/s per setting and condition, the ratio
@@ -47,8 +50,8 @@ class TrainTime(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def steps_per_second(corpus: str, threads: int | None, steps: int, data_dir: str) -> float:
-    cfg = yaml.safe_load((ROOT / "configs" / "word2vec_cs20.yaml").read_text())
+def steps_per_second(corpus: str, config: Path, threads: int | None, steps: int, data_dir: str) -> float:
+    cfg = yaml.safe_load(config.read_text())
     model_args = dict(cfg["model"]["init_args"], evaluate=False, average_loss_every=0, threads=threads)
     dm = Text8DataModule(**dict(cfg["data"]["init_args"], path=corpus, data_dir=data_dir))
     dm.prepare_data()
@@ -71,6 +74,7 @@ def burn() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "word2vec_cs20.yaml")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "lm_tying_bench"))
@@ -87,14 +91,14 @@ def main() -> None:
             try:
                 for name, threads in settings.items():
                     load = os.getloadavg()[0]
-                    rate = steps_per_second(args.corpus, threads, args.steps, args.data_dir)
+                    rate = steps_per_second(args.corpus, args.config, threads, args.steps, args.data_dir)
                     results.setdefault((condition, name), []).append(rate)
                     print(f"repeat {repeat} {condition:9s} {name:15s} {rate:7.0f} steps/s (load {load:.1f})", flush=True)
             finally:
                 if burner:
                     burner.terminate()
                     burner.join()
-    print(f"\nmedian steps/s over {args.repeats} repeat(s), {args.steps} steps of 128 pairs each:")
+    print(f"\nmedian steps/s over {args.repeats} repeat(s), {args.steps} steps of {args.config.name}:")
     for condition in ("as is", "contended"):
         one = np.median(results[(condition, "1 thread")])
         for name in settings:

@@ -20,7 +20,10 @@ from lm_tying import native
 from lm_tying.models.word2vec import Word2Vec
 from lm_tying.models.word2vec import model as word2vec_model
 from lm_tying.models.word2vec.model import auto_lr
-from lm_tying.models.word2vec.engines import BatchedEngine, EngineError, LearningRateHolder, choose_engine, kernel_loss
+from lm_tying.models.word2vec import engines
+from lm_tying.models.word2vec.engines import (
+    AdaptiveThreads, BatchedEngine, EngineError, LearningRateHolder, choose_engine, kernel_loss,
+)
 from lm_tying.nce import negative_sampling_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +276,51 @@ def test_threads_while_training_validating_and_after(tmp_path, make_corpus, upda
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_adaptive_threads_use_the_faster_count_and_check_the_other_now_and_then():
+    """``threads: null``: the kernel's calls run on the thread count measured faster (two threads can be slower
+    than one on a machine whose cores other work holds); the other count is measured again every ``check`` calls."""
+    adaptive = AdaptiveThreads(2, check_one=10, check_most=4)
+    speed = {2: 8.0, 1: 5.0}  # pairs per second of each count, as the machine is
+
+    def calls(n: int) -> list[int]:
+        counts = []
+        for _ in range(n):
+            threads = adaptive()
+            adaptive.record(threads, 1000, 1000 / speed[threads])
+            counts.append(threads)
+        return counts
+
+    assert calls(14) == [2, 2, 1] + [2] * 10 + [1]  # one thread first checked at the third call, then every 10
+    speed[2] = 3.0  # the machine gets busy: two threads slower than one
+    assert calls(12) == [2] + [1] * 4 + [2] + [1] * 4 + [2, 1]  # switched at once; two threads checked every 4 calls
+    speed[2] = 8.0  # quiet again: back at the next check
+    assert calls(5) == [1, 1, 1, 2, 2]
+    assert adaptive.checks == {1: 2, 2: 3} and adaptive.calls == {1: 12, 2: 14}
+
+
+def test_sequential_engine_adapts_its_threads_to_the_measured_speed_only_under_threads_auto(monkeypatch):
+    """The engine runs each kernel call on the count :class:`AdaptiveThreads` gives and reports the call's time to
+    it; with a thread count given, every call runs on it."""
+    if native.library() is None:
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    clock = [0.0]
+    monkeypatch.setattr(engines.time, "perf_counter", lambda: clock[0])
+    model = small_model(loss="negative_sampling", unique=False, share_negatives=4, output_bias=False, reduction="sum")
+    for adaptive, expected in [(True, [2, 2, 1, 1, 1]), (False, [2] * 5)]:
+        engine = engines.SequentialEngine(model, None, threads=2, adaptive=adaptive)
+        used: list[int] = []
+
+        def kernel(*args, _real=engine.kernel):
+            used.append(args[-1])  # the thread count, the kernel's last argument
+            clock[0] += {1: 1.0, 2: 3.0}[args[-1]]  # two threads slower, as on a busy machine
+            return _real(*args)
+
+        engine.kernel = kernel
+        for seed in range(5):
+            engine.update(*batch(seed), lr=0.01)
+        assert used == expected
 
 
 def separation(model: Word2Vec) -> tuple[float, float, float]:

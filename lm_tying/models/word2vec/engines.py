@@ -21,6 +21,7 @@ full per-pair step as in one process; autograd relies on DDP's gradient all-redu
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -172,20 +173,62 @@ class Engine:
         """Called after the last ``train_batch`` of a loader batch."""
 
 
-class SequentialEngine(Engine):
-    """Per-pair SGD in the compiled CPU kernel (see the module docstring), on ``threads`` threads of its own."""
+class AdaptiveThreads:
+    """The kernel's thread count under ``threads: null``: ``most``, or one while one is measured faster.
 
-    def __init__(self, model: Word2Vec, update_pairs: int | None, threads: int) -> None:
+    On a shared machine a second thread does not always help: while other work holds part of the cores (another
+    process, or a busy host running a VM's virtual cores on fewer physical ones), the two threads' calls can take
+    longer than one thread's, for seconds at a time (README, "Update engines"). Every call's speed is measured
+    and the faster count of the latest measurements is used; the other is measured again after ``check[count]``
+    calls (one thread first at the third call, after two warm calls on ``most``). A check costs one call at the
+    slower count."""
+
+    def __init__(self, most: int, check_one: int = 64, check_most: int = 8) -> None:
+        self.most = most
+        self.check = {1: check_one, most: check_most}
+        self.since = {1: check_one - 2, most: 0}  # calls since each count was last measured
+        self.rate: dict[int, float] = {}  # pairs/s of each count's latest call
+        self.current = most
+        self.calls = {1: 0, most: 0}  # calls on each count as the faster one
+        self.checks = {1: 0, most: 0}  # and as a check
+
+    def __call__(self) -> int:
+        """The thread count of the next call."""
+        other = 1 if self.current == self.most else self.most
+        return other if self.since[other] >= self.check[other] else self.current
+
+    def record(self, threads: int, pairs: int, seconds: float) -> None:
+        """A call on ``threads`` threads trained ``pairs`` pairs in ``seconds``."""
+        (self.calls if threads == self.current else self.checks)[threads] += 1
+        for count in self.since:
+            self.since[count] = 0 if count == threads else self.since[count] + 1
+        if pairs > 0 and seconds > 0:
+            self.rate[threads] = pairs / seconds
+            self.current = max(self.rate, key=self.rate.__getitem__)
+
+
+class SequentialEngine(Engine):
+    """Per-pair SGD in the compiled CPU kernel (see the module docstring), on ``threads`` threads of its own, or
+    as many as :class:`AdaptiveThreads` finds faster (``adaptive``, with ``threads`` at most)."""
+
+    def __init__(self, model: Word2Vec, update_pairs: int | None, threads: int, adaptive: bool = False) -> None:
         super().__init__(model, update_pairs)
         module = native.library()
         if module is None:
             raise EngineError("the compiled per-pair kernel could not be built (see the warning above)")
         self.kernel = module.sequential_sgd
         self.threads = threads
+        self.adaptive = AdaptiveThreads(threads) if adaptive and threads > 1 else None
 
     @torch.no_grad()
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
-        return kernel_pass(self.kernel, self.model, center, context, lr, generator, self.threads)
+        if self.adaptive is None:
+            return kernel_pass(self.kernel, self.model, center, context, lr, generator, self.threads)
+        threads = self.adaptive()
+        start = time.perf_counter()
+        loss = kernel_pass(self.kernel, self.model, center, context, lr, generator, threads)
+        self.adaptive.record(threads, center.numel(), time.perf_counter() - start)
+        return loss
 
 
 def kernel_pass(
@@ -435,12 +478,13 @@ def batched_sgd_updates(
 
 
 def build_engine(
-    choice: EngineChoice, model: Word2Vec, all_reduce_sum: Callable[[Tensor], Tensor] | None, threads: int
-) -> Engine:
+    choice: EngineChoice, model: Word2Vec, all_reduce_sum: Callable[[Tensor], Tensor] | None, threads: int,
+    adaptive: bool = False,
+) -> Engine:  # fmt: skip
     """The engine ``choice`` names, wrapped in :class:`SummedDeltas` when it must sum the ranks' changes;
-    ``threads``: the compiled kernel's (the other engines run on torch's)."""
+    ``threads``: the compiled kernel's (the other engines run on torch's), at most that many with ``adaptive``."""
     if choice.update == "sequential":
-        engine: Engine = SequentialEngine(model, choice.update_pairs, threads)
+        engine: Engine = SequentialEngine(model, choice.update_pairs, threads, adaptive)
     elif choice.update == "batched":
         engine = BatchedEngine(model, choice.update_pairs)
     else:  # dense gradients under DDP: they are all-reduced, which not every backend does for sparse ones

@@ -152,9 +152,10 @@ class Word2Vec(WordEmbeddingModule):
                 pairs (a whole large batch summed into one step would diverge).
             threads: Threads while training: torch's, or the sequential kernel's own (torch then keeps one). None:
                 one for updates of fewer than 16,384 pairs (a second thread costs more than it brings, and much
-                more on a busy machine), else the cores of the machine shared among its processes. The sequential
-                kernel's threads update the tables lock-free (as gensim's workers): bit-reproducible with
-                ``threads: 1``.
+                more on a busy machine), else the cores of the machine shared among its processes, and for the
+                sequential kernel one while its calls are measured faster on one (other work holding the cores;
+                ``engines.AdaptiveThreads``). The sequential kernel's threads update the tables lock-free (as
+                gensim's workers): bit-reproducible with ``threads: 1``.
             step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
                 lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
                 loader batch then carries many small updates, with the maths and figures of one batch per
@@ -266,15 +267,18 @@ class Word2Vec(WordEmbeddingModule):
         pairs = self.engine_choice.update_pairs or batch
         pairs = None if pairs is None or batch is None else min(pairs, batch)
         self._threads = choose_threads(self.hparams.threads, pairs, self.trainer.num_devices)
-        self.engine = build_engine(self.engine_choice, self, all_reduce_sum, self._threads)
+        adapt = self.hparams.threads is None  # auto: at most that many, fewer while fewer are measured faster
+        self.engine = build_engine(self.engine_choice, self, all_reduce_sum, self._threads, adapt)
         c = self.engine_choice
         whose = "kernel" if c.update == "sequential" else "torch"
+        adaptive = getattr(self.engine, "adaptive", None) is not None
         rank_zero_info(
             f"Word2Vec: update engine '{c.update}' ({c.reason}); "
             + (f"updates of {c.update_pairs:,} pairs" if c.update_pairs else "one update per batch")
             + (f"; {world} processes {'sum' if self.hparams.ddp_merge == 'sum' else 'average'} their changes after "
                "each batch" if c.sum_deltas else "")
             + (f"; {self._threads} {whose} thread(s)" if strategy.root_device.type == "cpu" else "")
+            + (" (one while one is measured faster)" if adaptive else "")
         )
 
     # ------------------------------------------------------------------------------ optimisation
@@ -329,6 +333,13 @@ class Word2Vec(WordEmbeddingModule):
     def on_fit_end(self) -> None:  # leave the process as we found it
         torch.set_num_threads(self._saved_threads)
         torch.set_flush_denormal(False)
+        adaptive = getattr(self.engine, "adaptive", None)
+        if adaptive is not None and adaptive.calls[1]:
+            calls = sum(adaptive.calls.values()) + sum(adaptive.checks.values())
+            rank_zero_info(
+                f"Word2Vec: the kernel ran {adaptive.calls[1]} of its {calls} calls on one thread, measured faster "
+                f"then than {adaptive.most} (other work was holding the cores)"
+            )
 
     def _use_training_threads(self) -> None:
         if self.device.type == "cpu":
