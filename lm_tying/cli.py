@@ -342,9 +342,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if command == "generate":
             sys.exit(_generate_main(args[1:]))
         if _names_word2vec(args):
-            from lm_tying import native
+            from lm_tying import kernel_build
 
-            native.build_in_background()  # a first run compiles while Lightning is imported (~2 s)
+            kernel_build.build_in_background()  # a first run compiles while torch and Lightning are imported
         with _collector_paused():
             from lm_tying._lightning_cli import LmTyingCLI
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_tying import native
+from lm_tying import kernel_build, native
 from lm_tying.nce import UnigramSampler
 
 
@@ -22,7 +22,7 @@ from lm_tying.nce import UnigramSampler
 def messages(monkeypatch):
     """What the loader tells the user (its rank-zero info lines)."""
     said: list[str] = []
-    monkeypatch.setattr(native, "_say", said.append)
+    monkeypatch.setattr(kernel_build, "_say", said.append)
     return said
 
 
@@ -39,28 +39,45 @@ def needs_compiler():
 
 def test_the_name_follows_the_sources_not_where_they_lie(tmp_path, monkeypatch):
     """Another checkout of the same sources shares the build; an edited source or header gets a build of its own."""
-    name = native.extension_name()
-    assert name.startswith(f"lm_tying_word2vec_{native._flags()[0]}_")
+    name = kernel_build.extension_name()
+    assert name.startswith(f"lm_tying_word2vec_{kernel_build._flags()[0]}_")
     elsewhere = tmp_path / "checkout" / "csrc"
-    shutil.copytree(native.CSRC, elsewhere)
-    monkeypatch.setattr(native, "CSRC", elsewhere)
-    assert [p.name for p in native.sources()] == ["pool.h", "random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp"]
-    assert native.extension_name() == name
-    for source in native.sources():
+    shutil.copytree(kernel_build.CSRC, elsewhere)
+    monkeypatch.setattr(kernel_build, "CSRC", elsewhere)
+    assert [p.name for p in kernel_build.sources()] == ["pool.h", "random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp"]
+    assert kernel_build.extension_name() == name
+    for source in kernel_build.sources():
         original = source.read_bytes()
         source.write_bytes(original + b"\n// edited\n")
-        assert native.extension_name() != name, source.name
+        assert kernel_build.extension_name() != name, source.name
         source.write_bytes(original)
+
+
+def test_the_build_needs_no_torch_and_targets_the_cpu_torch_finds():
+    """A first run starts the build before torch is imported: finding the build's name imports no torch, and the
+    CPU flags read without torch agree with torch's own detection (and its switch to code for older CPUs)."""
+    done = run_python("""
+        import sys
+        from lm_tying import kernel_build
+        kernel_build.library_path()
+        assert "torch" not in sys.modules, "kernel_build imported torch"
+        print(kernel_build._flags()[0])
+    """)
+    assert done.returncode == 0, done.stderr
+    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert done.stdout.split() == ["avx2" if avx2 else "generic"]
+    older = run_python("from lm_tying import kernel_build; print(kernel_build._flags())", env={"ATEN_CPU_CAPABILITY": "default"})
+    assert "generic" in older.stdout and "-mavx2" not in older.stdout, older.stderr
 
 
 def test_without_a_build_it_builds_once_says_so_and_loads_the_cache_afterwards(empty_cache, messages, monkeypatch):
     needs_compiler()
     kernel = native.library.__wrapped__()
-    assert kernel is not None and kernel.path == empty_cache / f"{native.extension_name()}.so"
+    assert kernel is not None and kernel.path == empty_cache / f"{kernel_build.extension_name()}.so"
     assert "building the compiled code" in messages[0] and "compiled code built in" in messages[1]
     assert sorted(p.suffix for p in empty_cache.iterdir()) == [".lock", ".so"]  # no partial file left
     messages.clear()
-    monkeypatch.setattr(native, "_build", lambda library: pytest.fail("built again although a build is cached"))
+    monkeypatch.setattr(kernel_build, "_build", lambda library: pytest.fail("built again although a build is cached"))
     assert native.library.__wrapped__() is not None and messages == []
 
 
@@ -81,10 +98,11 @@ def test_no_compiler_warns_and_names_what_to_install(empty_cache, monkeypatch):
         assert native.library.__wrapped__() is None
 
 
-def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter; a deadlock fails by timeout instead of hanging the suite."""
+def run_python(code: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (``env`` added to the environment); a deadlock fails by timeout instead of
+    hanging the suite."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})  # fmt: skip
 
 
 def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
@@ -221,14 +239,14 @@ def test_the_kernels_own_draws_follow_the_sampler_and_depend_on_the_seed_alone()
 
 def test_a_build_started_in_the_background_is_waited_for_and_not_repeated(empty_cache, messages, monkeypatch):
     needs_compiler()
-    monkeypatch.setattr(native, "_builder", None)
-    native.build_in_background()
-    assert native._builder is not None
+    monkeypatch.setattr(kernel_build, "_builder", None)
+    kernel_build.build_in_background()
+    assert kernel_build._builder is not None
     assert native.library.__wrapped__() is not None  # waits for the thread, then loads its build
-    assert not native._builder.is_alive() and sum("building" in m for m in messages) == 1, messages
-    monkeypatch.setattr(native, "_builder", None)
-    native.build_in_background()
-    assert native._builder is None, "a cached build starts nothing"
+    assert not kernel_build._builder.is_alive() and sum("building" in m for m in messages) == 1, messages
+    monkeypatch.setattr(kernel_build, "_builder", None)
+    kernel_build.build_in_background()
+    assert kernel_build._builder is None, "a cached build starts nothing"
 
 
 def test_the_cli_starts_the_build_only_for_word2vec_commands():

@@ -195,9 +195,9 @@ class Text8DataModule(L.LightningDataModule):
         if self._tokens is not None:
             return
         if self.mode == "skipgram" and self.pair_shuffle != "numpy":
-            from lm_tying import native
+            from lm_tying import kernel_build
 
-            native.build_in_background()  # the pairs' compiled code: a first run builds it while the corpus is read
+            kernel_build.build_in_background()  # the pairs' compiled code: a first run builds it while the corpus is read
         source = self.source_file()
         cache = self.cache_dir(source)
         manifest = read_json(cache / MANIFEST)
