@@ -7,7 +7,9 @@ log-uniform sampler relies on this order: a small id means a frequent word.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
@@ -94,12 +96,12 @@ def encode_corpus(
         raise ValueError("set vocab_size, min_count, or both")
     if vocab_size is not None and vocab_size < 2:
         raise ValueError(f"vocab_size={vocab_size}: it must be at least 2 (UNK and one word)")
-    first_seen: dict[bytes, int] = {}
-    setdefault = first_seen.setdefault
+    first_seen: defaultdict[bytes, int] = defaultdict(itertools.count().__next__)  # a new word: the next id
     tokens = np.empty(max(size_hint // 5, 1 << 16), dtype=np.int32)
     n = 0
     for chunk in chunks:
-        ids = [setdefault(w, len(first_seen)) for w in chunk.split()]
+        words = chunk.split()
+        ids = np.fromiter(map(first_seen.__getitem__, words), dtype=np.int32, count=len(words))  # no loop in Python
         if n + len(ids) > tokens.size:
             tokens = np.resize(tokens, max(2 * tokens.size, n + len(ids)))
         tokens[n : n + len(ids)] = ids
