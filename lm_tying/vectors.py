@@ -53,13 +53,13 @@ def _top_rows(query: torch.Tensor, u: torch.Tensor, u_bf16: torch.Tensor | None,
         scores = query @ u.t()
         scores[rows, exclude] = -float("inf")
         return scores.topk(count, dim=1).indices
-    rough = (query.bfloat16() @ u_bf16.t()).float()
+    rough = query.bfloat16() @ u_bf16.t()  # kept in bf16: its top-k is faster than a float copy's
     rough[rows, exclude] = -float("inf")
     picked = rough.topk(candidates, dim=1)
     exact = torch.einsum("nd,nkd->nk", query, u[picked.indices])
     best = exact.topk(count, dim=1)
     top = picked.indices.gather(1, best.indices)
-    unsure = ~(best.values[:, -1] > picked.values[:, -1] + query.norm(dim=1) * 2**-6)
+    unsure = ~(best.values[:, -1] > picked.values[:, -1].float() + query.norm(dim=1) * 2**-6)
     if unsure.any():
         top[unsure] = _top_rows(query[unsure], u, None, exclude[unsure], count)
     return top
