@@ -114,6 +114,7 @@ class SkipGramStream(IterableDataset):
         self.pair_shuffle = "native" if shuffle and _native_pairs(pair_shuffle, world_size) is not None else "numpy"
         self.num_chunks = max(1, math.ceil(len(tokens) / chunk_tokens))
         self.epoch, self.start = 0, 0
+        self._sizes_of: tuple[int | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
         self.pairs_per_epoch = int(self._chunk_sizes(0).sum())
         if self.pairs_per_epoch == 0:
             raise ValueError(
@@ -192,12 +193,15 @@ class SkipGramStream(IterableDataset):
         return tokens, windows
 
     def _chunk_sizes(self, epoch: int) -> np.ndarray:
-        """Number of pairs of every chunk in ``epoch``, from the random draws alone."""
-        rngs = self._rngs(epoch)
-        sizes = np.zeros(self.num_chunks, dtype=np.int64)
-        for chunk in range(self.num_chunks):
-            sizes[chunk] = _pair_count(self._subsample_and_windows(rngs[chunk], chunk)[1])
-        return sizes
+        """Number of pairs of every chunk in ``epoch``, from the random draws alone (the last epoch's kept: epoch 0's
+        are counted when the stream is made and again when it starts)."""
+        if self._sizes_of[0] != epoch:
+            rngs = self._rngs(epoch)
+            sizes = np.zeros(self.num_chunks, dtype=np.int64)
+            for chunk in range(self.num_chunks):
+                sizes[chunk] = _pair_count(self._subsample_and_windows(rngs[chunk], chunk)[1])
+            self._sizes_of = (epoch, sizes)
+        return self._sizes_of[1]
 
     def _chunk_pairs(self, epoch: int, chunk: int) -> np.ndarray:
         """The chunk's pairs, each packed into one int64 (``center << 32 | context``): shuffling one array in
