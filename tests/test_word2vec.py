@@ -321,6 +321,8 @@ def test_sequential_engine_adapts_its_threads_to_the_measured_speed_only_under_t
         for seed in range(5):
             engine.update(*batch(seed), lr=0.01)
         assert used == expected
+        model.engine = engines.SummedDeltas(engine, all_reduce_sum=lambda t: t, merge="sum")  # under DDP
+        assert model._adaptive_threads() is engine.adaptive and (engine.adaptive is None) == (not adaptive)
 
 
 def separation(model: Word2Vec) -> tuple[float, float, float]:

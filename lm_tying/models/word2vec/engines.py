@@ -178,7 +178,7 @@ class AdaptiveThreads:
 
     On a shared machine a second thread does not always help: while other work holds part of the cores (another
     process, or a busy host running a VM's virtual cores on fewer physical ones), the two threads' calls can take
-    longer than one thread's, for seconds at a time (README, "Update engines"). Every call's speed is measured
+    longer than one thread's, for seconds at a time (README, "Threads"). Every call's speed is measured
     and the faster count of the latest measurements is used; the other is measured again after ``check[count]``
     calls (one thread first at the third call, after two warm calls on ``most``). A check costs one call at the
     slower count."""

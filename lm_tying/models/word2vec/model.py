@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lm_tying import _lightning
 from lm_tying.models.base import WordEmbeddingModule
 from lm_tying.models.word2vec.engines import (
+    AdaptiveThreads,
     Engine,
     EngineChoice,
     Update,
@@ -271,7 +272,7 @@ class Word2Vec(WordEmbeddingModule):
         self.engine = build_engine(self.engine_choice, self, all_reduce_sum, self._threads, adapt)
         c = self.engine_choice
         whose = "kernel" if c.update == "sequential" else "torch"
-        adaptive = getattr(self.engine, "adaptive", None) is not None
+        adaptive = self._adaptive_threads() is not None
         rank_zero_info(
             f"Word2Vec: update engine '{c.update}' ({c.reason}); "
             + (f"updates of {c.update_pairs:,} pairs" if c.update_pairs else "one update per batch")
@@ -333,13 +334,18 @@ class Word2Vec(WordEmbeddingModule):
     def on_fit_end(self) -> None:  # leave the process as we found it
         torch.set_num_threads(self._saved_threads)
         torch.set_flush_denormal(False)
-        adaptive = getattr(self.engine, "adaptive", None)
+        adaptive = self._adaptive_threads()
         if adaptive is not None and adaptive.calls[1]:
             calls = sum(adaptive.calls.values()) + sum(adaptive.checks.values())
             rank_zero_info(
                 f"Word2Vec: the kernel ran {adaptive.calls[1]} of its {calls} calls on one thread, measured faster "
                 f"then than {adaptive.most} (other work was holding the cores)"
             )
+
+    def _adaptive_threads(self) -> AdaptiveThreads | None:
+        """The sequential engine's thread count chooser (``threads: null``), inside a DDP wrapper or not."""
+        engine = getattr(self.engine, "inner", self.engine)
+        return getattr(engine, "adaptive", None)
 
     def _use_training_threads(self) -> None:
         if self.device.type == "cpu":
