@@ -294,10 +294,14 @@ def test_adaptive_threads_use_the_faster_count_and_check_the_other_now_and_then(
 
     assert calls(14) == [2, 2, 1] + [2] * 10 + [1]  # one thread first checked at the third call, then every 10
     speed[2] = 3.0  # the machine gets busy: two threads slower than one
-    assert calls(12) == [2] + [1] * 4 + [2] + [1] * 4 + [2, 1]  # switched at once; two threads checked every 4 calls
+    assert calls(12) == [2, 2] + [1] * 4 + [2] + [1] * 4 + [2]  # after two slow calls; two threads checked every 4
     speed[2] = 8.0  # quiet again: back at the next check
-    assert calls(5) == [1, 1, 1, 2, 2]
+    assert calls(5) == [1, 1, 1, 1, 2]
     assert adaptive.checks == {1: 2, 2: 3} and adaptive.calls == {1: 12, 2: 14}
+    speed[2] = 4.0  # one slow call (a hiccup) changes nothing
+    assert calls(1) == [2]
+    speed[2] = 8.0
+    assert calls(3) == [2, 2, 2]
 
 
 def test_sequential_engine_adapts_its_threads_to_the_measured_speed_only_under_threads_auto(monkeypatch):

@@ -178,10 +178,11 @@ class AdaptiveThreads:
 
     On a shared machine a second thread does not always help: while other work holds part of the cores (another
     process, or a busy host running a VM's virtual cores on fewer physical ones), the two threads' calls can take
-    longer than one thread's, for seconds at a time (README, "Threads"). Every call's speed is measured
-    and the faster count of the latest measurements is used; the other is measured again after ``check[count]``
-    calls (one thread first at the third call, after two warm calls on ``most``). A check costs one call at the
-    slower count."""
+    longer than one thread's, for seconds at a time (README, "Threads"). Every call's speed is measured; the
+    other count is measured again after ``check[count]`` calls (one thread first at the third call, after two warm
+    calls on ``most``) and taken when its check is faster than the current count's latest call, or when two calls
+    in a row on the current count were slower than the other's latest (one slow call is often a hiccup). A check
+    costs one call at the slower count."""
 
     def __init__(self, most: int, check_one: int = 64, check_most: int = 8) -> None:
         self.most = most
@@ -189,7 +190,8 @@ class AdaptiveThreads:
         self.since = {1: check_one - 2, most: 0}  # calls since each count was last measured
         self.rate: dict[int, float] = {}  # pairs/s of each count's latest call
         self.current = most
-        self.calls = {1: 0, most: 0}  # calls on each count as the faster one
+        self.slower = 0  # the current count's calls in a row slower than the other's latest
+        self.calls = {1: 0, most: 0}  # calls on each count as the current one
         self.checks = {1: 0, most: 0}  # and as a check
 
     def __call__(self) -> int:
@@ -199,12 +201,24 @@ class AdaptiveThreads:
 
     def record(self, threads: int, pairs: int, seconds: float) -> None:
         """A call on ``threads`` threads trained ``pairs`` pairs in ``seconds``."""
-        (self.calls if threads == self.current else self.checks)[threads] += 1
+        current = threads == self.current
+        (self.calls if current else self.checks)[threads] += 1
         for count in self.since:
             self.since[count] = 0 if count == threads else self.since[count] + 1
-        if pairs > 0 and seconds > 0:
-            self.rate[threads] = pairs / seconds
-            self.current = max(self.rate, key=self.rate.__getitem__)
+        if pairs <= 0 or seconds <= 0:
+            return
+        self.rate[threads] = pairs / seconds
+        other = 1 if threads == self.most else self.most
+        faster = other in self.rate and self.rate[threads] > self.rate[other]
+        if not current:
+            if faster:  # the check beat the current count's latest call
+                self.current, self.slower = threads, 0
+        elif other in self.rate and not faster:
+            self.slower += 1
+            if self.slower >= 2:
+                self.current, self.slower = other, 0
+        else:
+            self.slower = 0
 
 
 class SequentialEngine(Engine):
