@@ -236,12 +236,11 @@ class SequentialEngine(Engine):
 
     @torch.no_grad()
     def update(self, center: Tensor, context: Tensor, lr: float, generator: torch.Generator | None = None) -> Tensor:
-        if self.adaptive is None:
-            return kernel_pass(self.kernel, self.model, center, context, lr, generator, self.threads)
-        threads = self.adaptive()
+        threads = self.threads if self.adaptive is None else self.adaptive()
         start = time.perf_counter()
         loss = kernel_pass(self.kernel, self.model, center, context, lr, generator, threads)
-        self.adaptive.record(threads, center.numel(), time.perf_counter() - start)
+        if self.adaptive is not None:
+            self.adaptive.record(threads, center.numel(), time.perf_counter() - start)
         return loss
 
 
