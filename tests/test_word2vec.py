@@ -329,6 +329,36 @@ def test_sequential_engine_adapts_its_threads_to_the_measured_speed_only_under_t
         assert model._adaptive_threads() is engine.adaptive and (engine.adaptive is None) == (not adaptive)
 
 
+def test_validation_inside_fit_evaluates_on_one_thread_while_the_kernel_measures_one_faster(tmp_path, make_corpus):
+    """Under ``threads: null`` the evaluation follows the kernel's measurement: one torch thread while one kernel
+    thread was measured faster (a busy machine), the process's threads otherwise."""
+    if native.library() is None:
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    if native.cores_per_process(1) < 2:
+        pytest.skip("one core here: nothing to adapt")
+    seen: list[int] = []
+
+    class Busy(L.Callback):
+        """Epoch 0's training ends as if a busy spell had been measured, epoch 1's as if it had passed."""
+
+        def on_train_batch_end(self, trainer, model, *args):
+            adaptive = model._adaptive_threads()
+            adaptive.current = 1 if trainer.current_epoch == 0 else adaptive.most
+
+        def on_validation_batch_start(self, *args):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        corpus = make_corpus(planted_corpus(3000))
+        model, _, _ = fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False,
+                                                          threads=None, update_pairs=None),
+                          data_kw=dict(batch_size=16_384), trainer_kw=dict(max_epochs=2, callbacks=[Busy()]))  # fmt: skip
+        assert set(seen[: len(seen) // 2]) == {1} and set(seen[len(seen) // 2 :]) == {3}
+    finally:
+        torch.set_num_threads(before)
+
 def separation(model: Word2Vec) -> tuple[float, float, float]:
     """Mean cosine within the planted groups, across them, and the share of nearest neighbours in-group."""
     wv = model.word_vectors()

@@ -355,7 +355,10 @@ class Word2Vec(WordEmbeddingModule):
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit":  # the evaluation's matmuls get the process's threads back
-            torch.set_num_threads(self._saved_threads)
+            adaptive = self._adaptive_threads()
+            # but one while the kernel measures one faster: what holds the cores back slows torch's threads too
+            busy = adaptive is not None and adaptive.current == 1
+            torch.set_num_threads(1 if busy else self._saved_threads)
 
     def on_validation_end(self) -> None:
         if self.trainer.state.fn == "fit":
