@@ -352,12 +352,13 @@ def test_validation_inside_fit_evaluates_on_one_thread_while_the_kernel_measures
     torch.set_num_threads(3)
     try:
         corpus = make_corpus(planted_corpus(3000))
-        model, _, _ = fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False,
-                                                          threads=None, update_pairs=None),
-                          data_kw=dict(batch_size=16_384), trainer_kw=dict(max_epochs=2, callbacks=[Busy()]))  # fmt: skip
+        fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False, threads=None,
+                                            update_pairs=None),
+            data_kw=dict(batch_size=16_384), trainer_kw=dict(max_epochs=2, callbacks=[Busy()]))  # fmt: skip
         assert set(seen[: len(seen) // 2]) == {1} and set(seen[len(seen) // 2 :]) == {3}
     finally:
         torch.set_num_threads(before)
+
 
 def separation(model: Word2Vec) -> tuple[float, float, float]:
     """Mean cosine within the planted groups, across them, and the share of nearest neighbours in-group."""

@@ -155,8 +155,9 @@ class Word2Vec(WordEmbeddingModule):
                 one for updates of fewer than 16,384 pairs (a second thread costs more than it brings, and much
                 more on a busy machine), else the cores of the machine shared among its processes, and for the
                 sequential kernel one while its calls are measured faster on one (other work holding the cores;
-                ``engines.AdaptiveThreads``). The sequential kernel's threads update the tables lock-free (as
-                gensim's workers): bit-reproducible with ``threads: 1``.
+                ``engines.AdaptiveThreads``; a validation inside fit then evaluates on one torch thread too).
+                The sequential kernel's threads update the tables lock-free (as gensim's workers):
+                bit-reproducible with ``threads: 1``.
             step_per_update: Count every update of ``update_pairs`` pairs as a training step: ``max_steps``, the
                 lr schedule, the "Average loss at step N" table and checkpoint intervals count updates. A large
                 loader batch then carries many small updates, with the maths and figures of one batch per
