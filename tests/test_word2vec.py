@@ -250,8 +250,17 @@ def fit(tmp_path, corpus_path, model_kw=None, data_kw=None, trainer_kw=None):
     return model, trainer, dm
 
 
+@pytest.fixture
+def three_torch_threads():
+    """The process on 3 torch threads (a count no default gives), as it was afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("update, training", [("sequential", 1), ("batched", 2)])
-def test_threads_while_training_validating_and_after(tmp_path, make_corpus, update, training):
+def test_threads_while_training_validating_and_after(tmp_path, make_corpus, three_torch_threads, update, training):
     """The kernel's threads are its own: torch keeps one while it trains (else torch's idle workers spin on the
     kernel's cores); the other engines train on ``threads`` of torch's; validation's evaluation gets the
     process's threads back, and so does the process after fit."""
@@ -266,16 +275,11 @@ def test_threads_while_training_validating_and_after(tmp_path, make_corpus, upda
         def on_validation_batch_start(self, *args):
             seen["val"].add(torch.get_num_threads())
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        corpus = make_corpus(planted_corpus(3000))
-        fit(tmp_path, corpus, model_kw=dict(update=update, share_negatives=4, output_bias=False, threads=2),
-            trainer_kw=dict(max_epochs=2, callbacks=[Record()]))  # fmt: skip
-        assert seen == {"train": {training}, "val": {3}}
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
+    corpus = make_corpus(planted_corpus(3000))
+    fit(tmp_path, corpus, model_kw=dict(update=update, share_negatives=4, output_bias=False, threads=2),
+        trainer_kw=dict(max_epochs=2, callbacks=[Record()]))  # fmt: skip
+    assert seen == {"train": {training}, "val": {3}}
+    assert torch.get_num_threads() == 3
 
 
 def test_adaptive_threads_use_the_faster_count_and_check_the_other_now_and_then():
@@ -329,7 +333,9 @@ def test_sequential_engine_adapts_its_threads_to_the_measured_speed_only_under_t
         assert model._adaptive_threads() is engine.adaptive and (engine.adaptive is None) == (not adaptive)
 
 
-def test_validation_inside_fit_evaluates_on_one_thread_while_the_kernel_measures_one_faster(tmp_path, make_corpus):
+def test_validation_inside_fit_evaluates_on_one_thread_while_the_kernel_measures_one_faster(
+    tmp_path, make_corpus, three_torch_threads
+):
     """Under ``threads: null`` the evaluation follows the kernel's measurement: one torch thread while one kernel
     thread was measured faster (a busy machine), the process's threads otherwise."""
     if native.library() is None:
@@ -348,16 +354,11 @@ def test_validation_inside_fit_evaluates_on_one_thread_while_the_kernel_measures
         def on_validation_batch_start(self, *args):
             seen.append(torch.get_num_threads())
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        corpus = make_corpus(planted_corpus(3000))
-        fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False, threads=None,
-                                            update_pairs=None),
-            data_kw=dict(batch_size=16_384), trainer_kw=dict(max_epochs=2, callbacks=[Busy()]))  # fmt: skip
-        assert set(seen[: len(seen) // 2]) == {1} and set(seen[len(seen) // 2 :]) == {3}
-    finally:
-        torch.set_num_threads(before)
+    corpus = make_corpus(planted_corpus(3000))
+    fit(tmp_path, corpus, model_kw=dict(update="sequential", share_negatives=4, output_bias=False, threads=None,
+                                        update_pairs=None),
+        data_kw=dict(batch_size=16_384), trainer_kw=dict(max_epochs=2, callbacks=[Busy()]))  # fmt: skip
+    assert set(seen[: len(seen) // 2]) == {1} and set(seen[len(seen) // 2 :]) == {3}
 
 
 def separation(model: Word2Vec) -> tuple[float, float, float]:
