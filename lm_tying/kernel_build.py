@@ -1,8 +1,9 @@
 """Building word2vec's compiled CPU code (``csrc/``) into a cached library, without torch.
 
 One library holds the per-pair SGD kernel (``csrc/sequential_sgd.cpp``, word2vec's sequential engine, with
-its negatives drawn inside it) and the skip-gram pair generator of the data pipeline (``csrc/skipgram_pairs.cpp``),
-loaded by :mod:`lm_tying.native`. Plain C++ with a C interface (no torch headers), so the system's C++ compiler
+its negatives drawn inside it) and two pieces of the data pipeline, the skip-gram pair generator
+(``csrc/skipgram_pairs.cpp``) and the word table that encodes the corpus (``csrc/word_ids.cpp``), loaded by
+:mod:`lm_tying.native`. Plain C++ with a C interface (no torch headers), so the system's C++ compiler
 builds it in a second or two: no ninja, no build step to plan for. The library is cached in :func:`cache_dir`
 under a name made of the CPU flags and a hash of the sources and the flags (:func:`extension_name`): a changed
 source builds anew, and checkouts of the same sources share one build. The compiler writes to a temporary file
@@ -111,6 +112,11 @@ def build_in_background() -> None:
     if _builder is None and not path.exists():
         _builder = threading.Thread(target=_build_if_missing, args=(path, False), daemon=True, name="lm_tying-build")
         _builder.start()
+
+
+def is_built() -> bool:
+    """Whether the library is built and no build of this process is under way (nothing to wait for)."""
+    return (_builder is None or not _builder.is_alive()) and library_path().exists()
 
 
 def built() -> Path:

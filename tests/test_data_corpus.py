@@ -7,6 +7,7 @@ import http.server
 import json
 import threading
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 from conftest import write_corpus
 from lm_tying.data import CorpusError, Text8DataModule, Vocabulary
 from lm_tying.data.corpus import download, iter_text8_chunks
-from lm_tying.data.vocab import encode_corpus
+from lm_tying import native
+from lm_tying.data.vocab import FirstSeenIds, encode_corpus
 
 
 class _Server:
@@ -215,25 +217,86 @@ def test_chunks_cut_at_word_boundaries(tmp_path):
     assert all(c.endswith(b" ") for c in chunks[:-1])
 
 
-def test_vocabulary_by_frequency_with_unk_and_ties_in_order_of_appearance():
+def compiled_library():
+    if (library := native.library()) is None:
+        pytest.skip("no C++ compiler here: the compiled word table cannot be built")
+    return library
+
+
+@pytest.fixture(params=["python", "compiled"])
+def word_table(request):
+    """A fresh word table of each kind: encode_corpus's own (a dict) and the compiled one."""
+    if request.param == "python":
+        yield FirstSeenIds
+        return
+    library = compiled_library()
+    with ExitStack() as tables:
+        yield lambda: tables.enter_context(library.word_ids())
+
+
+def test_vocabulary_by_frequency_with_unk_and_ties_in_order_of_appearance(word_table):
     text = b"b a c a b a d e d"  # a:3 b:2 d:2 c:1 e:1 ; b before d
-    tokens, vocab = encode_corpus([text], vocab_size=4, min_count=None)
+    tokens, vocab = encode_corpus([text], vocab_size=4, min_count=None, word_ids=word_table())
     assert vocab.words == ["UNK", "a", "b", "d"]
     assert vocab.counts.tolist() == [2, 3, 2, 2]  # UNK counts c and e
     assert tokens.tolist() == [2, 1, 0, 1, 2, 1, 3, 0, 3]
     assert vocab.encode(["a", "zzz", "d"]).tolist() == [1, 0, 3]
-    again, vocab2 = encode_corpus([text[:6], text[6:]], vocab_size=4, min_count=None)
+    again, vocab2 = encode_corpus([text[:6], text[6:]], vocab_size=4, min_count=None, word_ids=word_table())
     assert vocab2 == vocab and (again == tokens).all()
 
 
-def test_min_count_and_too_large_vocabulary():
+def test_min_count_and_too_large_vocabulary(word_table):
     text = b"b a c a b a d e d"
-    _, vocab = encode_corpus([text], vocab_size=None, min_count=2)
+    _, vocab = encode_corpus([text], vocab_size=None, min_count=2, word_ids=word_table())
     assert vocab.words == ["UNK", "a", "b", "d"]
     with pytest.raises(CorpusError, match="only 5 distinct words"):
-        encode_corpus([text], vocab_size=7, min_count=None)
+        encode_corpus([text], vocab_size=7, min_count=None, word_ids=word_table())
     with pytest.raises(CorpusError, match="min_count"):
-        encode_corpus([text], vocab_size=None, min_count=10)
+        encode_corpus([text], vocab_size=None, min_count=10, word_ids=word_table())
+    with pytest.raises(CorpusError, match="no words"):
+        encode_corpus([b" \n ", b""], vocab_size=None, min_count=1, word_ids=word_table())
+
+
+def test_the_compiled_word_table_gives_pythons_ids_and_words():
+    """Chunk after chunk, the compiled table gives the ids ``bytes.split`` and a dict give, and the same words in
+    id order: over 100k distinct words (its slots grow several times), lengths 1-60, every kind of ASCII
+    whitespace, runs of it, chunks starting and ending with it, empty chunks."""
+    rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    words = {letters[rng.integers(0, 26, size=n)].tobytes() for n in rng.integers(1, 61, size=120_000)}
+    words = sorted(words)
+    spaces = [b" ", b"  ", b"\t", b"\n", b"\r\n", b"\x0b", b"\x0c", b" \t "]
+    chunks = [b"", b"   "]
+    for _ in range(40):
+        picked = rng.integers(0, len(words), size=int(rng.integers(0, 20_000)))
+        gaps = rng.integers(0, len(spaces), size=len(picked) + 1)
+        chunk = spaces[gaps[0]] + b"".join(words[i] + spaces[g] for i, g in zip(picked, gaps[1:]))
+        chunks.append(chunk if rng.random() < 0.5 else chunk.strip())
+    python = FirstSeenIds()
+    with compiled_library().word_ids() as compiled:
+        for chunk in chunks:
+            expected = python(chunk)
+            assert compiled(chunk).tolist() == expected.tolist()
+        assert len(python.words()) > 100_000
+        assert compiled.words() == python.words()
+
+
+def test_the_cache_is_the_same_whoever_encodes_it(tmp_path, make_corpus, monkeypatch):
+    """The DataModule encodes with the compiled table once the library is built, with Python's otherwise (a first
+    run whose build is not done): the same cache, byte for byte."""
+    library = compiled_library()
+    corpus = make_corpus(num_words=20_000, as_zip=True)
+    used = []
+    monkeypatch.setattr(native, "library_if_built", lambda: used.append(library) or library)
+    compiled = Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "compiled"), vocab_size=100)
+    compiled.prepare_data()
+    monkeypatch.setattr(native, "library_if_built", lambda: used.append(None))
+    python = Text8DataModule(path=str(corpus), data_dir=str(tmp_path / "python"), vocab_size=100)
+    python.prepare_data()
+    assert used == [library, None]
+    for name in ("tokens.npy", "vocab.tsv"):
+        files = [next(Path(dm.data_dir).glob(f"cache/*/{name}")).read_bytes() for dm in (compiled, python)]
+        assert files[0] == files[1]
 
 
 def test_vocabulary_file_round_trip(tmp_path):

@@ -44,7 +44,8 @@ def test_the_name_follows_the_sources_not_where_they_lie(tmp_path, monkeypatch):
     elsewhere = tmp_path / "checkout" / "csrc"
     shutil.copytree(kernel_build.CSRC, elsewhere)
     monkeypatch.setattr(kernel_build, "CSRC", elsewhere)
-    assert [p.name for p in kernel_build.sources()] == ["pool.h", "random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp"]
+    assert [p.name for p in kernel_build.sources()] == ["pool.h", "random.h", "sequential_sgd.cpp", "skipgram_pairs.cpp",
+                                                         "word_ids.cpp"]
     assert kernel_build.extension_name() == name
     for source in kernel_build.sources():
         original = source.read_bytes()

@@ -16,6 +16,7 @@ import time
 import weakref
 import zipfile
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from lm_tying import _lightning
+from lm_tying import _lightning, native
 from lm_tying.atomic import atomic_path
 from lm_tying.data.corpus import (
     TEXT8_URL,
@@ -38,7 +39,7 @@ from lm_tying.data.corpus import (
     write_json,
 )
 from lm_tying.data.streams import LanguageModelStream, ResumableLoader, SkipGramStream, keep_probabilities
-from lm_tying.data.vocab import Vocabulary, encode_corpus
+from lm_tying.data.vocab import FirstSeenIds, Vocabulary, encode_corpus
 
 CACHE_FORMAT = 2  # 2: manifest.json, verified on load
 CACHE_FILES = ("tokens.npy", "vocab.tsv")
@@ -216,12 +217,17 @@ class Text8DataModule(L.LightningDataModule):
         identity = _source_identity(source)
         size = _uncompressed_size(source)
         text = _TextDigest()
-        tokens, vocab = encode_corpus(
-            text.update_from(_with_progress(iter_text8_chunks(source), size, f"encoding {source.name}")),
-            self.vocab_size,
-            self.min_count,
-            size_hint=size,
-        )
+        # The compiled word table if the library is built (a first run's build is usually done by now), else
+        # Python's dict: the same ids either way, without waiting for a build.
+        library = native.library_if_built()
+        with library.word_ids() if library is not None else nullcontext(FirstSeenIds()) as word_ids:
+            tokens, vocab = encode_corpus(
+                text.update_from(_with_progress(iter_text8_chunks(source), size, f"encoding {source.name}")),
+                self.vocab_size,
+                self.min_count,
+                size_hint=size,
+                word_ids=word_ids,
+            )
         cache.mkdir(parents=True, exist_ok=True)
         (cache / MANIFEST).unlink(missing_ok=True)  # a rebuild killed midway must not look complete
         with atomic_path(cache / "tokens.npy") as tmp, open(tmp, "wb") as f:

@@ -11,6 +11,7 @@ import itertools
 import os
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 
@@ -83,25 +84,53 @@ class Vocabulary:
             ) from None
 
 
+class WordIdTable(Protocol):
+    """Gives each chunk's words ids, a new word the next id; ``words()``: the distinct words in id order."""
+
+    def __call__(self, chunk: bytes) -> np.ndarray: ...
+
+    def words(self) -> list[bytes]: ...
+
+
+class FirstSeenIds:
+    """Words to ids in order of first appearance: ``bytes.split`` and a dict giving a new word the next id.
+    Called on each chunk of the corpus; :meth:`words` gives the distinct words in id order. The compiled
+    :class:`lm_tying.native.WordIds` does the same faster; this one needs no compiler."""
+
+    def __init__(self) -> None:
+        self._first_seen: defaultdict[bytes, int] = defaultdict(itertools.count().__next__)
+
+    def __call__(self, chunk: bytes) -> np.ndarray:
+        words = chunk.split()
+        return np.fromiter(map(self._first_seen.__getitem__, words), dtype=np.int32, count=len(words))
+
+    def words(self) -> list[bytes]:
+        return list(self._first_seen)
+
+
 def encode_corpus(
-    chunks: Iterable[bytes], vocab_size: int | None, min_count: int | None, size_hint: int = 0
+    chunks: Iterable[bytes],
+    vocab_size: int | None,
+    min_count: int | None,
+    size_hint: int = 0,
+    word_ids: WordIdTable | None = None,
 ) -> tuple[np.ndarray, Vocabulary]:
     """One pass over the corpus: ids in order of first appearance, then renumbered by frequency.
 
     Returns the encoded corpus (int32) and the vocabulary. Memory stays near the size of the
     encoded array: chunks are processed one at a time into one buffer sized from ``size_hint``
-    (the corpus size in bytes; text8 averages 5.9 bytes a word) and renumbered in place.
+    (the corpus size in bytes; text8 averages 5.9 bytes a word) and renumbered in place. ``word_ids``
+    gives the first ids (a :class:`FirstSeenIds` by default, or the compiled one: the same ids).
     """
     if vocab_size is None and min_count is None:
         raise ValueError("set vocab_size, min_count, or both")
     if vocab_size is not None and vocab_size < 2:
         raise ValueError(f"vocab_size={vocab_size}: it must be at least 2 (UNK and one word)")
-    first_seen: defaultdict[bytes, int] = defaultdict(itertools.count().__next__)  # a new word: the next id
+    word_ids = word_ids or FirstSeenIds()
     tokens = np.empty(max(size_hint // 5, 1 << 16), dtype=np.int32)
     n = 0
     for chunk in chunks:
-        words = chunk.split()
-        ids = np.fromiter(map(first_seen.__getitem__, words), dtype=np.int32, count=len(words))  # no loop in Python
+        ids = word_ids(chunk)
         if n + len(ids) > tokens.size:
             tokens = np.resize(tokens, max(2 * tokens.size, n + len(ids)))
         tokens[n : n + len(ids)] = ids
@@ -109,31 +138,32 @@ def encode_corpus(
     tokens = tokens[:n]
     if tokens.size == 0:
         raise CorpusError("the corpus holds no words")
+    words_by_id = word_ids.words()
+    distinct = len(words_by_id)
 
-    counts = np.zeros(len(first_seen), dtype=np.int64)
+    counts = np.zeros(distinct, dtype=np.int64)
     for block in _blocks(tokens):  # in blocks: bincount would copy the whole array to int64
-        counts += np.bincount(block, minlength=len(first_seen))
+        counts += np.bincount(block, minlength=distinct)
     by_frequency = np.argsort(-counts, kind="stable")  # stable: ties keep order of first appearance
     keep = len(by_frequency)
     if min_count is not None:
         keep = int(np.count_nonzero(counts >= min_count))
     if vocab_size is not None:
-        if min_count is None and vocab_size - 1 > len(first_seen):  # with min_count it is only a cap
+        if min_count is None and vocab_size - 1 > distinct:  # with min_count it is only a cap
             raise CorpusError(
                 f"vocab_size={vocab_size:,} is larger than the corpus allows: it has only "
-                f"{len(first_seen):,} distinct words (plus UNK). Set vocab_size to at most "
-                f"{len(first_seen) + 1:,}, or use min_count instead."
+                f"{distinct:,} distinct words (plus UNK). Set vocab_size to at most "
+                f"{distinct + 1:,}, or use min_count instead."
             )
         keep = min(keep, vocab_size - 1)
     if keep == 0:
         raise CorpusError(f"min_count={min_count} leaves no word in the vocabulary; lower it")
 
-    new_id = np.zeros(len(first_seen), dtype=np.int32)  # everything not kept -> UNK (0)
+    new_id = np.zeros(distinct, dtype=np.int32)  # everything not kept -> UNK (0)
     new_id[by_frequency[:keep]] = np.arange(1, keep + 1, dtype=np.int32)
     for block in _blocks(tokens):
         block[...] = new_id[block]
 
-    words_by_id = list(first_seen)
     kept = by_frequency[:keep]
     words = [UNK] + [words_by_id[i].decode("ascii") for i in kept]
     unk_count = int(tokens.size - counts[kept].sum())
