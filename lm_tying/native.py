@@ -164,17 +164,23 @@ class WordIds:
 
     def __call__(self, chunk: bytes) -> np.ndarray:
         out = np.empty(len(chunk) // 2 + 1, dtype=np.int32)  # the most words len(chunk) bytes can hold
-        count = self._lib.word_ids_feed(self._table, chunk, len(chunk), out.ctypes.data)
+        count = self._lib.word_ids_feed(self._open(), chunk, len(chunk), out.ctypes.data)
         if count < 0:
             raise ValueError("the corpus has more than 2^31 - 1 distinct words")
         return out[:count]
 
     def words(self) -> list[bytes]:
-        size, count = self._lib.word_ids_bytes(self._table), self._lib.word_ids_count(self._table)
+        table = self._open()
+        size, count = self._lib.word_ids_bytes(table), self._lib.word_ids_count(table)
         text, starts = ctypes.create_string_buffer(size), np.empty(count + 1, dtype=np.int64)
-        self._lib.word_ids_words(self._table, text, starts.ctypes.data)
+        self._lib.word_ids_words(table, text, starts.ctypes.data)
         raw = text.raw
         return [raw[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+
+    def _open(self) -> int:
+        if self._table is None:
+            raise ValueError("the word table was freed (used after its with-block)")
+        return self._table
 
     def __enter__(self) -> WordIds:
         return self

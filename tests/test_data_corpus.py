@@ -279,6 +279,8 @@ def test_the_compiled_word_table_gives_pythons_ids_and_words():
             assert compiled(chunk).tolist() == expected.tolist()
         assert len(python.words()) > 100_000
         assert compiled.words() == python.words()
+    with pytest.raises(ValueError, match="freed"):
+        compiled(b"a b")
 
 
 def test_the_cache_is_the_same_whoever_encodes_it(tmp_path, make_corpus, monkeypatch):
