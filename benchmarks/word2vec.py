@@ -19,6 +19,10 @@
   lm_tying.cli``, ``import torch``, ``import lightning`` (both with the cycle collector paused, as the CLI
   imports them), loading the compiled kernel, loading the cached corpus; and the whole command with
   ``--trainer.max_steps 0`` (everything but training).
+- ``first``: what a first run adds: ``--repeats`` pairs of the whole command, a first run (an empty kernel cache and
+  data directory) then the same again with both kept, and when each phase ended, read off the output's lines as
+  they come: the compiled code built, the imports and the CLI done (``Seed set``), the corpus encoded, the first
+  epoch started, training done (the validation's start), the whole command.
 - ``train``: training alone, through a ``Trainer`` in this process (``trainer.fit`` with validation off, the
   process's objects frozen out of the cycle collector's passes first as the CLI does, against
   gensim's ``train``), with the settings of ``--config`` (``--set section.key=value`` overrides) and gensim's
@@ -70,7 +74,7 @@ from lm_tying.vectors import EVAL_FILES, default_eval_file  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="text8-format file or zip (e.g. ../shared/data/text8-head.zip)")
-    p.add_argument("--parts", default="whole,startup,train", help="comma-separated: whole, startup, train")
+    p.add_argument("--parts", default="whole,startup,train", help="comma-separated: whole, first, startup, train")
     p.add_argument("--config", default=str(ROOT / "configs" / "word2vec.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. model.lr=0.05 or data.batch_size=8192 (YAML value)")
@@ -304,6 +308,61 @@ def run_whole(args, cfg) -> None:
         summarise(ours_runs, their_runs, "whole")
 
 
+FIRST_RUN_MARKS = {  # a phase's end, and the start of a line of the command's output that shows it
+    "built": "Word2Vec: compiled code built",
+    "started": "Seed set",
+    "encoded": "text8:",
+    "epoch 0": "Epoch 0:",
+    "trained": "Validation",
+}
+
+
+def phase_times(command: list[str], cwd: Path, log: Path, **env: str) -> dict[str, float]:
+    """Seconds from the start of ``command`` to the first output line of each of ``FIRST_RUN_MARKS``, and to its
+    end (``whole``). Progress bars rewrite their line with carriage returns: each rewrite counts as a line."""
+    marks: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=subprocess_env() | env | {"PYTHONUNBUFFERED": "1"})  # fmt: skip
+        pending = b""
+        while chunk := proc.stdout.read1(1 << 16):
+            now = time.perf_counter() - t0
+            out.write(chunk)
+            *lines, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").lstrip()
+                for name, start in FIRST_RUN_MARKS.items():
+                    if name not in marks and text.startswith(start):
+                        marks[name] = now
+        if proc.wait() != 0:
+            raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode}); its output: {log}")
+    marks["whole"] = time.perf_counter() - t0
+    return marks
+
+
+def run_first(args, cfg) -> None:
+    """First runs against the runs after them, alternating, with each phase's end."""
+    work = Path(args.data_dir) / "whole"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"\n== first runs and the runs after ({load_average()}) ==")
+    columns = [*FIRST_RUN_MARKS, "whole"]
+    print(f"{'':12s} {'pair':>4s} " + " ".join(f"{c:>8s}" for c in columns) + "   (s from the start)")
+    firsts, afters = [], []
+    for pair in range(args.repeats):
+        fresh = Path(tempfile.mkdtemp(prefix="first_run_", dir=work))
+        env = {"LM_TYING_KERNEL_CACHE": str(fresh / "kernels")}
+        for name, runs in (("first run", firsts), ("run after", afters)):
+            command = fit_command(args, args.seed + pair, f"bench_first_{pair}", "--data.data_dir", str(fresh / "data"))
+            marks = phase_times(command, work, work / f"first_{pair}_{name.split()[0]}.log", **env)
+            runs.append(marks["whole"])
+            cells = " ".join(f"{marks[c]:8.2f}" if c in marks else f"{'-':>8s}" for c in columns)
+            print(f"{name:12s} {pair:4d} {cells}   ({load_average()})")
+    print(f"whole command: first runs {' / '.join(f'{t:.2f}' for t in firsts)} s, the runs after "
+          f"{' / '.join(f'{t:.2f}' for t in afters)} s; median difference "
+          f"{float(np.median(np.subtract(firsts, afters))):+.2f} s")
+
+
 STARTUP_PHASES = {  # the imports as the CLI makes them: with Python's cycle collector paused
     "python": "pass",
     "import lm_tying.cli": "from lm_tying.cli import _collector_paused",
@@ -402,12 +461,13 @@ def main() -> None:
     if args.repeat_corpus > 1:
         args.corpus = str(repeated_corpus(args.corpus, args.repeat_corpus, Path(args.data_dir)))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"whole", "startup", "train"}
+    runners = {"whole": run_whole, "first": run_first, "startup": run_startup, "train": run_train}
+    unknown = set(parts) - runners.keys()
     if unknown:
-        raise SystemExit(f"--parts: unknown part(s) {', '.join(sorted(unknown))}; choose from whole, startup, train")
+        raise SystemExit(f"--parts: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(runners)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, corpus {args.corpus}, {load_average()}")
     for part in parts:
-        {"whole": run_whole, "startup": run_startup, "train": run_train}[part](args, cfg)
+        runners[part](args, cfg)
 
 
 def repeated_corpus(corpus: str, times: int, directory: Path) -> Path:
