@@ -84,7 +84,9 @@ extern "C" int64_t word_ids_feed(void* table, const char* text, int64_t len, int
 
 // How many distinct words the table holds, and their bytes together.
 extern "C" int64_t word_ids_count(void* table) { return static_cast<WordIds*>(table)->count(); }
-extern "C" int64_t word_ids_bytes(void* table) { return static_cast<int64_t>(static_cast<WordIds*>(table)->arena.size()); }
+extern "C" int64_t word_ids_bytes(void* table) {
+  return static_cast<int64_t>(static_cast<WordIds*>(table)->arena.size());
+}
 
 // Copies the words, in id order, to words (word_ids_bytes bytes) and their starts to starts (count + 1 offsets).
 extern "C" void word_ids_words(void* table, char* words, int64_t* starts) {
