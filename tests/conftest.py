@@ -20,6 +20,15 @@ os.environ.setdefault(
 )
 
 
+def compiled_library():
+    """word2vec's compiled library (``lm_tying.native``), or the test skipped where no C++ compiler can build it."""
+    from lm_tying import native
+
+    if (library := native.library()) is None:
+        pytest.skip("no C++ compiler here: the compiled library cannot be built")
+    return library
+
+
 def write_corpus(path: Path, text: str, as_zip: bool = False, member: str = "text8") -> Path:
     """Write ``text`` as a text8 file, or as a zip holding it under ``member``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_corpus
+from conftest import compiled_library, write_corpus
 from lm_tying.data import CorpusError, Text8DataModule, Vocabulary
 from lm_tying.data.corpus import download, iter_text8_chunks
 from lm_tying import native
@@ -215,12 +215,6 @@ def test_chunks_cut_at_word_boundaries(tmp_path):
     assert len(chunks) > 10
     assert b"".join(chunks) == text.encode()
     assert all(c.endswith(b" ") for c in chunks[:-1])
-
-
-def compiled_library():
-    if (library := native.library()) is None:
-        pytest.skip("no C++ compiler here: the compiled word table cannot be built")
-    return library
 
 
 @pytest.fixture(params=["python", "compiled"])

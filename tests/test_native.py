@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import compiled_library
 from lm_tying import kernel_build, native
 from lm_tying.nce import UnigramSampler
 
@@ -30,11 +31,6 @@ def messages(monkeypatch):
 def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LM_TYING_KERNEL_CACHE", str(tmp_path / "kernels"))
     return tmp_path / "kernels"
-
-
-def needs_compiler():
-    if native.library() is None:
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
 
 
 def test_the_name_follows_the_sources_not_where_they_lie(tmp_path, monkeypatch):
@@ -72,7 +68,7 @@ def test_the_build_needs_no_torch_and_targets_the_cpu_torch_finds():
 
 
 def test_without_a_build_it_builds_once_says_so_and_loads_the_cache_afterwards(empty_cache, messages, monkeypatch):
-    needs_compiler()
+    compiled_library()
     kernel = native.library.__wrapped__()
     assert kernel is not None and kernel.path == empty_cache / f"{kernel_build.extension_name()}.so"
     assert "building the compiled code" in messages[0] and "compiled code built in" in messages[1]
@@ -112,7 +108,7 @@ def test_the_kernels_threads_serve_calls_of_any_width_and_a_forked_child():
     calls from two Python threads at once take turns, and a forked child, which has none of its parent's threads,
     gets threads of its own. (At a small rate: on these 500 rows, all of them copied per thread, the copies' lag
     moves a high rate's result further, see the next test.)"""
-    needs_compiler()
+    compiled_library()
     done = run_python("""
         import os, torch
         from lm_tying import native
@@ -153,7 +149,7 @@ def test_each_threads_copy_of_the_frequent_words_rows_adds_all_its_steps_to_the_
     whatever the threads and the order: a copy whose changes were lost, or added twice, would leave W a good share
     away from the one-thread result. (E is updated lock-free: on 500 rows, with more threads than cores, a thread
     preempted inside a row's update loses the others' steps on it, ~1 % of E's change under load.)"""
-    needs_compiler()
+    compiled_library()
     kernel = native.library()
 
     def output_table(threads: int, V: int) -> torch.Tensor:
@@ -173,7 +169,7 @@ def test_each_threads_copy_of_the_frequent_words_rows_adds_all_its_steps_to_the_
 
 
 def test_the_kernel_checks_its_inputs():
-    needs_compiler()
+    compiled_library()
     kernel = native.library()
     E, W = torch.zeros(10, 4), torch.zeros(10, 4)
     ids, negatives = torch.arange(6), torch.zeros(2, 3, dtype=torch.int64)
@@ -207,7 +203,7 @@ def splitmix64(seed: int, i: int) -> int:
 def test_the_kernels_own_draws_follow_the_sampler_and_depend_on_the_seed_alone():
     """The alias draws in C++ are nce.UnigramSampler's rule (in float64) on SplitMix64's stream: checked draw by
     draw against Python, by frequency against p, and the kernel fed its own draws explicitly trains the same."""
-    needs_compiler()
+    compiled_library()
     library = native.library()
     sampler = UnigramSampler(40, counts=torch.arange(40.0) ** 2, power=0.75)  # word 0 never drawn
     accept, alias = sampler.alias_accept, sampler.alias
@@ -239,7 +235,7 @@ def test_the_kernels_own_draws_follow_the_sampler_and_depend_on_the_seed_alone()
 
 
 def test_a_build_started_in_the_background_is_waited_for_and_not_repeated(empty_cache, messages, monkeypatch):
-    needs_compiler()
+    compiled_library()
     monkeypatch.setattr(kernel_build, "_builder", None)
     kernel_build.build_in_background()
     assert kernel_build._builder is not None

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import compiled_library
 from lm_tying.data import Text8DataModule
 from lm_tying import native
 from lm_tying.models.word2vec import Word2Vec
@@ -311,8 +312,7 @@ def test_adaptive_threads_use_the_faster_count_and_check_the_other_now_and_then(
 def test_sequential_engine_adapts_its_threads_to_the_measured_speed_only_under_threads_auto(monkeypatch):
     """The engine runs each kernel call on the count :class:`AdaptiveThreads` gives and reports the call's time to
     it; with a thread count given, every call runs on it."""
-    if native.library() is None:
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    compiled_library()
     clock = [0.0]
     monkeypatch.setattr(engines.time, "perf_counter", lambda: clock[0])
     model = small_model(loss="negative_sampling", unique=False, share_negatives=4, output_bias=False, reduction="sum")
@@ -338,8 +338,7 @@ def test_validation_inside_fit_evaluates_on_one_thread_while_the_kernel_measures
 ):
     """Under ``threads: null`` the evaluation follows the kernel's measurement: one torch thread while one kernel
     thread was measured faster (a busy machine), the process's threads otherwise."""
-    if native.library() is None:
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    compiled_library()
     if native.cores_per_process(1) < 2:
         pytest.skip("one core here: nothing to adapt")
     seen: list[int] = []
@@ -541,8 +540,7 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda")
     ],
 )
 def test_auto_chooses_the_engine_from_device_strategy_and_settings(kw, device, world, expected):
-    if native.library() is None:
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    compiled_library()
     settings = dict(loss="negative_sampling", output_bias=False, reduction="sum", unique=False, lr=0.05)
     model = small_model(**{**settings, **kw})
     choice = choose_engine(model.hparams, device, world)
