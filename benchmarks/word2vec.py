@@ -263,10 +263,23 @@ def fit_command(args, seed: int, run_name: str, *extra: str) -> list[str]:
             "--run_name", run_name, "--overwrite", "true", *cli_overrides(args.set), *extra]  # fmt: skip
 
 
-def run_whole(args, cfg) -> None:
-    """``lm-tying fit`` against gensim's whole process, per seed; quality of both."""
+def work_dir(args) -> Path:
+    """Where the subprocess parts run: their checkpoints, logs and first runs' directories."""
     work = Path(args.data_dir) / "whole"
     work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def fresh_checkout(work: Path) -> tuple[list[str], dict[str, str]]:
+    """The command's flags and environment for a first run, as in a fresh checkout: a new, empty data directory and
+    kernel cache (the compiled code is built and the corpus encoded), kept for the runs that follow."""
+    fresh = Path(tempfile.mkdtemp(prefix="first_run_", dir=work))
+    return ["--data.data_dir", str(fresh / "data")], {"LM_TYING_KERNEL_CACHE": str(fresh / "kernels")}
+
+
+def run_whole(args, cfg) -> None:
+    """``lm-tying fit`` against gensim's whole process, per seed; quality of both."""
+    work = work_dir(args)
     split = (cfg["data"]["init_args"].get("split") or [0.9])[0]
     epochs = args.epochs or cfg.get("trainer", {}).get("max_epochs", 5)
     extra = ["--trainer.max_epochs", str(epochs)] if args.epochs else []
@@ -279,10 +292,9 @@ def run_whole(args, cfg) -> None:
     ours_runs, their_runs = [], []
     for seed in range(args.seed, args.seed + args.repeats):
         command, env, name = fit_command(args, seed, f"bench_{seed}", *extra), {}, "lm-tying"
-        if seed == args.seed and not args.no_first_run:  # as a fresh checkout: no compiled code, no encoded corpus
-            fresh = Path(tempfile.mkdtemp(prefix="first_run_", dir=work))
-            command += ["--data.data_dir", str(fresh / "data")]
-            env["LM_TYING_KERNEL_CACHE"], name = str(fresh / "kernels"), "lm-tying*"
+        if seed == args.seed and not args.no_first_run:
+            flags, env = fresh_checkout(work)
+            command, name = command + flags, "lm-tying*"
         wall, cpu = timed(command, work, work / f"lm_tying_{seed}.log", **env)
         model = Word2Vec.load_from_checkpoint(work / "checkpoints" / f"bench_{seed}" / "last.ckpt", map_location="cpu")
         rows = [dict(name=name, whole=wall, cpu=cpu, **evaluate(model.word_vectors()))]
@@ -343,17 +355,15 @@ def phase_times(command: list[str], cwd: Path, log: Path, **env: str) -> dict[st
 
 def run_first(args, cfg) -> None:
     """First runs against the runs after them, alternating, with each phase's end."""
-    work = Path(args.data_dir) / "whole"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args)
     print(f"\n== first runs and the runs after ({load_average()}) ==")
     columns = [*FIRST_RUN_MARKS, "whole"]
     print(f"{'':12s} {'pair':>4s} " + " ".join(f"{c:>8s}" for c in columns) + "   (s from the start)")
     firsts, afters = [], []
     for pair in range(args.repeats):
-        fresh = Path(tempfile.mkdtemp(prefix="first_run_", dir=work))
-        env = {"LM_TYING_KERNEL_CACHE": str(fresh / "kernels")}
+        flags, env = fresh_checkout(work)
+        command = fit_command(args, args.seed + pair, f"bench_first_{pair}", *flags)
         for name, runs in (("first run", firsts), ("run after", afters)):
-            command = fit_command(args, args.seed + pair, f"bench_first_{pair}", "--data.data_dir", str(fresh / "data"))
             marks = phase_times(command, work, work / f"first_{pair}_{name.split()[0]}.log", **env)
             runs.append(marks["whole"])
             cells = " ".join(f"{marks[c]:8.2f}" if c in marks else f"{'-':>8s}" for c in columns)
@@ -375,8 +385,7 @@ STARTUP_PHASES = {  # the imports as the CLI makes them: with Python's cycle col
 def run_startup(args, cfg) -> None:
     """Each phase before the first step, timed inside a fresh process that first ran the phases before it
     (median of 3); then the whole command without training."""
-    work = Path(args.data_dir) / "whole"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args)
     data_args = {k: v for k, v in cfg["data"]["init_args"].items() if k not in ("path", "data_dir")}
     phases = dict(STARTUP_PHASES)
     phases["data (cached corpus)"] = (
