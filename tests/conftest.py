@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import random
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -58,3 +60,40 @@ def make_corpus(tmp_path):
         return write_corpus(tmp_path / (name + (".zip" if as_zip else ".txt")), text, as_zip)
 
     return make
+
+
+class LocalServer:
+    """Serves ``routes`` (path -> bytes) on 127.0.0.1; ``/truncated`` promises more bytes than it sends."""
+
+    def __init__(self, routes: dict[str, bytes]):
+        self.routes = routes
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                self.send_response(200)
+                promised = len(body) * 2 if self.path == "/truncated" else len(body)
+                self.send_header("Content-Length", str(promised))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

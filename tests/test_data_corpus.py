@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
-import threading
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,48 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compiled_library, write_corpus
+from conftest import LocalServer, compiled_library, write_corpus
 from lm_tying.data import CorpusError, Text8DataModule, Vocabulary
 from lm_tying.data.corpus import download, iter_text8_chunks
 from lm_tying import native
 from lm_tying.data.vocab import FirstSeenIds, encode_corpus
-
-
-class _Server:
-    """Serves ``routes`` (path -> bytes) on 127.0.0.1; ``/truncated`` promises more bytes than it sends."""
-
-    def __init__(self, routes: dict[str, bytes]):
-        self.routes = routes
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                body = server.routes.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                promised = len(body) * 2 if self.path == "/truncated" else len(body)
-                self.send_header("Content-Length", str(promised))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -64,7 +25,7 @@ def text8_zip(tmp_path) -> bytes:
 
 
 def test_download_verifies_size_caches_and_reads(tmp_path, text8_zip):
-    with _Server({"/text8.zip": text8_zip}) as server:
+    with LocalServer({"/text8.zip": text8_zip}) as server:
         dest = tmp_path / "data" / "text8.zip"
         download(server.url + "/text8.zip", dest, expected_size=len(text8_zip))
         assert dest.read_bytes() == text8_zip
@@ -78,7 +39,7 @@ def test_download_verifies_size_caches_and_reads(tmp_path, text8_zip):
 
 
 def test_download_of_wrong_size_fails_and_leaves_nothing(tmp_path, text8_zip):
-    with _Server({"/text8.zip": text8_zip}) as server:
+    with LocalServer({"/text8.zip": text8_zip}) as server:
         dest = tmp_path / "text8.zip"
         with pytest.raises(CorpusError, match="expected"):
             download(server.url + "/text8.zip", dest, expected_size=len(text8_zip) + 1)
@@ -86,7 +47,7 @@ def test_download_of_wrong_size_fails_and_leaves_nothing(tmp_path, text8_zip):
 
 
 def test_interrupted_download_fails_and_leaves_nothing(tmp_path, text8_zip):
-    with _Server({"/truncated": text8_zip}) as server:
+    with LocalServer({"/truncated": text8_zip}) as server:
         dest = tmp_path / "text8.zip"
         with pytest.raises(CorpusError, match="(cut short|failed)"):
             download(server.url + "/truncated", dest, expected_size=None, timeout=5)
@@ -94,7 +55,7 @@ def test_interrupted_download_fails_and_leaves_nothing(tmp_path, text8_zip):
 
 
 def test_http_error_names_url_and_fix(tmp_path):
-    with _Server({}) as server:
+    with LocalServer({}) as server:
         with pytest.raises(CorpusError, match=r"HTTP 404.*--data.path"):
             download(server.url + "/missing.zip", tmp_path / "text8.zip", expected_size=10)
 
@@ -108,7 +69,7 @@ def test_truncated_cached_file_is_reported(tmp_path):
 
 def test_download_is_tied_to_its_url(tmp_path, text8_zip):
     """A file downloaded from one URL is never served for another: the run refuses, naming both."""
-    with _Server({"/a/text8.zip": text8_zip, "/b/text8.zip": b"other bytes"}) as server:
+    with LocalServer({"/a/text8.zip": text8_zip, "/b/text8.zip": b"other bytes"}) as server:
         Text8DataModule(data_dir=str(tmp_path), url=server.url + "/a/text8.zip", vocab_size=4).prepare_data()
         other = Text8DataModule(data_dir=str(tmp_path), url=server.url + "/b/text8.zip", vocab_size=4)
         with pytest.raises(CorpusError, match=r"text8.zip was downloaded from .*/a/text8.zip, not from .*/b/") as e:
@@ -119,7 +80,7 @@ def test_download_is_tied_to_its_url(tmp_path, text8_zip):
 
 
 def test_reused_download_is_checked_against_its_record(tmp_path, text8_zip, monkeypatch):
-    with _Server({"/text8.zip": text8_zip}) as server:
+    with LocalServer({"/text8.zip": text8_zip}) as server:
         url, dest = server.url + "/text8.zip", tmp_path / "text8.zip"
         download(url, dest)
         import lm_tying.data.corpus as corpus
@@ -139,7 +100,7 @@ def test_reused_download_is_checked_against_its_record(tmp_path, text8_zip, monk
 
 
 def test_known_sha256_is_verified_on_download(tmp_path, text8_zip):
-    with _Server({"/text8.zip": text8_zip}) as server:
+    with LocalServer({"/text8.zip": text8_zip}) as server:
         dest = tmp_path / "data" / "text8.zip"
         with pytest.raises(CorpusError, match="has sha256 .*, expected 0+: it is not text8.zip"):
             download(server.url + "/text8.zip", dest, expected_size=len(text8_zip), expected_sha256="0" * 64)
@@ -169,7 +130,7 @@ def test_download_without_record_is_adopted_only_when_verifiable(tmp_path, text8
 
 
 def test_corrupt_zip_served_then_read_is_reported(tmp_path):
-    with _Server({"/text8.zip": b"this is not a zip file at all"}) as server:
+    with LocalServer({"/text8.zip": b"this is not a zip file at all"}) as server:
         dm = Text8DataModule(data_dir=str(tmp_path), url=server.url + "/text8.zip")
         with pytest.raises(CorpusError, match="not a valid zip"):
             dm.prepare_data()

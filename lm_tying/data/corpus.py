@@ -58,24 +58,17 @@ def download(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    digest = hashlib.sha256()
+
+    def check_announced(announced: int | None) -> None:
+        if expected_size is not None and announced is not None and announced != expected_size:
+            raise CorpusError(
+                f"{url} announces {announced:,} bytes, expected {expected_size:,}: the server does "
+                f"not serve text8.zip. Check --data.url, or pass a local copy with --data.path."
+            )
+
     try:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                announced = response.headers.get("Content-Length")
-                announced = int(announced) if announced else None
-                if expected_size is not None and announced is not None and announced != expected_size:
-                    raise CorpusError(
-                        f"{url} announces {announced:,} bytes, expected {expected_size:,}: the server does "
-                        f"not serve text8.zip. Check --data.url, or pass a local copy with --data.path."
-                    )
-                with open(partial, "wb") as out, tqdm(
-                    total=announced, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
-                ) as bar:
-                    while block := response.read(1 << 20):
-                        out.write(block)
-                        digest.update(block)
-                        bar.update(len(block))
+            announced, sha256 = fetch(url, partial, dest.name, timeout, check_announced)
         except urllib.error.HTTPError as e:
             raise CorpusError(
                 f"downloading {url} failed: HTTP {e.code} {e.reason}. Check --data.url, or download "
@@ -94,17 +87,38 @@ def download(
                 f"downloaded {size:,} bytes from {url}, expected {expected_size:,}: the download was cut "
                 f"short or the file is not text8.zip. Run again to retry, or pass a local copy with --data.path."
             )
-        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        if expected_sha256 is not None and sha256 != expected_sha256:
             raise CorpusError(
-                f"the file downloaded from {url} has sha256 {digest.hexdigest()}, expected {expected_sha256}: "
+                f"the file downloaded from {url} has sha256 {sha256}, expected {expected_sha256}: "
                 f"it is not text8.zip or was corrupted on the way. Run again to retry, or check --data.url."
             )
         # The record first: a run killed between the two writes leaves no file to reuse, only a record.
-        write_json(_record_path(dest), _record(url, partial, digest.hexdigest()))
+        write_json(_record_path(dest), _record(url, partial, sha256))
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
     return dest
+
+
+def fetch(
+    url: str, partial: Path, name: str, timeout: float, check_announced=lambda announced: None
+) -> tuple[int | None, str]:
+    """Stream ``url`` into ``partial`` with a progress bar (``downloading <name>``); returns the announced size
+    (Content-Length, or None) and the sha256 of what arrived. ``check_announced`` may refuse the announced size
+    before anything is read. Raises urllib's and the OS's errors: the callers name the file and the fix."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        announced = response.headers.get("Content-Length")
+        announced = int(announced) if announced else None
+        check_announced(announced)
+        with open(partial, "wb") as out, tqdm(
+            total=announced, unit="B", unit_scale=True, desc=f"downloading {name}"
+        ) as bar:
+            while block := response.read(1 << 20):
+                out.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    return announced, digest.hexdigest()
 
 
 def _record_path(dest: Path) -> Path:
