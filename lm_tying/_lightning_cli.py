@@ -54,9 +54,10 @@ RUN_TRAINER_SETTINGS = (
 DATA_SETTINGS_NOT_COMPARED = ("path", "data_dir", "url", "vocab_size", "min_count", "num_workers")
 
 
-def warn_if_eval_files_missing(hparams: Any) -> None:
-    """Warn once, naming the fix, when a model that evaluates its vectors (word2vec's ``evaluate``) would look for
-    gensim's standard evaluation files and gensim is not installed: its evaluation would log nothing."""
+def fetch_eval_files(hparams: Any) -> None:
+    """Before training, get the standard evaluation files a model that evaluates its vectors (word2vec's
+    ``evaluate``) will look for: gensim's copies, or downloads cached once (:func:`default_eval_file`). Warn once,
+    naming the fix, when one cannot be had: that evaluation would log nothing (it never downloads at its end)."""
     if not hparams.get("evaluate"):
         return
     wanted = []
@@ -64,18 +65,16 @@ def warn_if_eval_files_missing(hparams: Any) -> None:
         wanted.append(EVAL_FILES["analogies"])
     if hparams.get("eval_pairs") is None:
         wanted += [EVAL_FILES["wordsim353"], EVAL_FILES["simlex999"]]
-    missing = []
+    missing: dict[str, str] = {}
     for name in wanted:
         try:
-            default_eval_file(name)
-        except FileNotFoundError:
-            missing.append(name)
+            default_eval_file(name, download=not missing)  # one failed download is enough to wait for
+        except FileNotFoundError as e:
+            missing[name] = str(e)
     if missing:
         rank_zero_warn(
-            f"no evaluation files ({', '.join(missing)} come with gensim, which is not installed): this run logs no "
-            'analogy or word-similarity scores. Install them with `pip install -e ".[eval]"`, or give your own '
-            "files (--model.init_args.eval_analogies, --model.init_args.eval_pairs), or set "
-            "--model.init_args.evaluate false"
+            f"this run logs no score on {', '.join(missing)}: {next(iter(missing.values()))} Or give your own files "
+            "(--model.init_args.eval_analogies, --model.init_args.eval_pairs), or set --model.init_args.evaluate false"
         )
 
 
@@ -316,7 +315,13 @@ class LmTyingCLI(LightningCLI):
             rank_zero_info(f"Resuming {ckpt_path} with changed settings: {'; '.join(differences)}")
 
     def before_fit(self) -> None:
-        warn_if_eval_files_missing(self.model.hparams)
+        fetch_eval_files(self.model.hparams)
+
+    def before_validate(self) -> None:
+        fetch_eval_files(self.model.hparams)
+
+    def before_test(self) -> None:
+        fetch_eval_files(self.model.hparams)
 
     # ------------------------------------------------------------------------------------------------ trainer
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

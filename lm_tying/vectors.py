@@ -16,13 +16,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import urllib.error
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["WordVectors", "default_eval_file", "EVAL_FILES"]
+__all__ = ["WordVectors", "default_eval_file", "eval_cache_dir", "EVAL_FILES", "EVAL_SOURCES"]
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,71 @@ def _top_rows(query: torch.Tensor, u: torch.Tensor, u_bf16: torch.Tensor | None,
     return top
 
 
-def default_eval_file(name: str) -> str:
-    """Path of one of gensim's bundled evaluation files (``questions-words.txt``, ``wordsim353.tsv``,
-    ``simlex999.txt``); a clear error when gensim is not installed. Found where gensim's ``test.utils.datapath``
-    looks, without importing gensim (which imports scipy: ~1 s where nothing has yet)."""
+# Where they are downloaded from when gensim is not installed: gensim 4.4.0's copies (what `pip install gensim`
+# brings), pinned by content, so a download is used only when it is byte for byte the file gensim evaluates with.
+EVAL_SOURCES = {
+    name: (f"https://raw.githubusercontent.com/piskvorky/gensim/4.4.0/gensim/test/test_data/{name}", sha256)
+    for name, sha256 in (
+        ("questions-words.txt", "8c29b3332afc46f3fb8be04cb5297bf96f39aa7131272dff57869b4485b22a36"),
+        ("wordsim353.tsv", "f92a022fc2537793a15bc3a8c162ebcd74990e033a228bb6388cb71e4c0b1e1d"),
+        ("simlex999.txt", "d5e0501971478a511430ee880bd0121e94ac701ba86d90544d83e6d2ba3db05d"),
+    )
+}
+
+
+def eval_cache_dir() -> Path:
+    """Where downloaded evaluation files are kept: ``$LM_TYING_EVAL_CACHE``, else ``$XDG_CACHE_HOME/lm_tying/eval``
+    (``~/.cache/lm_tying/eval``)."""
+    if os.environ.get("LM_TYING_EVAL_CACHE"):
+        return Path(os.environ["LM_TYING_EVAL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lm_tying" / "eval"
+
+
+def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -> str:
+    """Path of one of the standard evaluation files gensim ships (``questions-words.txt``, ``wordsim353.tsv``,
+    ``simlex999.txt``): gensim's own copy when gensim is installed (found where its ``test.utils.datapath`` looks,
+    without importing it), else the copy downloaded into :func:`eval_cache_dir` (checked against its sha256 at
+    every use), else, with ``download``, fetched there now from :data:`EVAL_SOURCES`. A clear
+    ``FileNotFoundError`` when none can be had.
+
+    Not needing gensim is worth 0.6-0.9 s a run: torchmetrics, which Lightning imports, imports ``scipy.signal``
+    whenever scipy is installed, and gensim installs it."""
     spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"no evaluation file given and gensim is not installed to provide its {name!r}: pass a path, "
-            f"or `pip install gensim` (or this project's [eval] extra)"
-        )
-    path = os.path.join(spec.submodule_search_locations[0], "test", "test_data", name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"gensim's evaluation file {path} is missing from the installation")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "test", "test_data", name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"gensim's evaluation file {path} is missing from the installation")
+        return path
+    if name not in EVAL_SOURCES:
+        raise FileNotFoundError(f"{name!r} is not one of the standard evaluation files ({', '.join(EVAL_SOURCES)})")
+    from lm_tying.data.corpus import fetch, file_sha256  # here: lm_tying.data imports Lightning
+
+    url, sha256 = EVAL_SOURCES[name]
+    path = eval_cache_dir() / name
+    if path.exists() and file_sha256(path) == sha256:
+        return str(path)
+    fixes = "pass your own file, or `pip install gensim` (its copy is then used)"
+    if not download:
+        raise FileNotFoundError(f"evaluation file {name!r} is neither in {path.parent} nor given by gensim: {fixes}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{name}.{os.getpid()}.part")
+    try:
+        try:
+            _, got = fetch(url, partial, name, timeout)
+        except (urllib.error.URLError, OSError) as e:
+            raise FileNotFoundError(
+                f"evaluation file {name!r} could not be downloaded from {url}: {getattr(e, 'reason', e)}. "
+                f"Check your network, {fixes}"
+            ) from None
+        if got != sha256:
+            raise FileNotFoundError(
+                f"the {name!r} downloaded from {url} has sha256 {got}, expected {sha256} (gensim 4.4.0's file): "
+                f"it was changed or corrupted on the way. Run again to retry, or {fixes}"
+            )
+        os.replace(partial, path)  # whole and verified, or not there at all
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(path)
 
 
 def _resolve(path: str | os.PathLike | None, default_name: str) -> str:
@@ -210,11 +262,11 @@ class WordVectors:
         """Google analogy accuracy ("a is to b as c is to ?") by 3CosAdd, as gensim computes it.
 
         ``path`` is a ``questions-words.txt``-format file (``: section`` headers, then ``a b c d``
-        lines); None uses gensim's copy. Questions with a word outside the first ``restrict_vocab``
-        words are skipped (counted as wrong with ``dummy4unknown``). Returns ``(accuracy, sections)``
-        where every section is ``{"section", "correct", "incorrect"}`` with lists of the question
-        tuples, the last being "Total accuracy", plus ``"coverage"`` and ``"oov_ratio"`` entries on
-        the total (fraction of questions answered / percentage skipped).
+        lines); None uses the standard one (:func:`default_eval_file`). Questions with a word outside the
+        first ``restrict_vocab`` words are skipped (counted as wrong with ``dummy4unknown``). Returns
+        ``(accuracy, sections)`` where every section is ``{"section", "correct", "incorrect"}`` with lists
+        of the question tuples, the last being "Total accuracy", plus ``"coverage"`` and ``"oov_ratio"``
+        entries on the total (fraction of questions answered / percentage skipped).
         """
         path = _resolve(path, EVAL_FILES["analogies"])
         ok = self._case_map(restrict_vocab, case_insensitive)
@@ -316,9 +368,9 @@ class WordVectors:
         """Correlation of cosine similarity with human judgements: ``(pearson, spearman, oov_ratio)``.
 
         ``path``: lines ``word1<delimiter>word2<delimiter>score``, ``#`` comments (WordSim-353,
-        SimLex-999 as gensim ships them); None uses gensim's ``wordsim353.tsv``. Pairs with a word
-        outside the vocabulary are skipped (scored 0 with ``dummy4unknown``); ``oov_ratio`` is their
-        percentage. Correlations computed with torchmetrics (Spearman with average ranks for ties).
+        SimLex-999 as gensim ships them); None uses the standard ``wordsim353.tsv`` (:func:`default_eval_file`).
+        Pairs with a word outside the vocabulary are skipped (scored 0 with ``dummy4unknown``); ``oov_ratio`` is
+        their percentage. Correlations computed with torchmetrics (Spearman with average ranks for ties).
         """
         from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 

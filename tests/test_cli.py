@@ -169,19 +169,66 @@ def test_default_root_dir_and_a_users_own_model_checkpoint(trained, tmp_path, mo
     assert load_ckpt(tmp_path / "out/checkpoints/rooted/last.ckpt")["global_step"] == 8, resumed.stderr[-2000:]
 
 
+WITHOUT_GENSIM = """
+import importlib.util, json, os, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "gensim" else find_spec(name, *a)
+from lm_tying import vectors
+vectors.EVAL_SOURCES.update({k: tuple(v) for k, v in json.loads(os.environ["EVAL_SOURCES"]).items()})
+from lm_tying.cli import main
+sys.argv = ["lm-tying", *sys.argv[1:]]
+main()
+"""
+
+
+def test_fit_without_gensim_downloads_the_evaluation_files_once_and_scores_on_them(tmp_path):
+    """As a user installed by the README (no gensim): the first fit fetches the three files (here from a loopback
+    server standing in for GitHub, with the real files' hashes), evaluates on them, and the next fit reuses them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import LocalServer
+    from lm_tying.data.corpus import file_sha256
+    from lm_tying.vectors import EVAL_SOURCES, default_eval_file
+
+    files = {name: default_eval_file(name) for name in EVAL_SOURCES}  # gensim's copies (the [dev] extra has it)
+    pairs = "love sex tiger cat book paper computer keyboard plane car train car television radio media radio "
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(pairs * 200)
+    config = write_config(tmp_path, "word2vec", corpus, max_steps=6, val_check_interval=6)
+    with LocalServer({f"/{name}": open(path, "rb").read() for name, path in files.items()}) as server:
+        sources = {name: (f"{server.url}/{name}", file_sha256(path)) for name, path in files.items()}
+        environment = env() | {"EVAL_SOURCES": json.dumps(sources), "LM_TYING_EVAL_CACHE": str(tmp_path / "eval")}
+        for run in ("a", "b"):
+            args = ["fit", "--config", str(config), "--data.init_args.vocab_size", "15", "--model.init_args.evaluate", "true",
+                    "--run_name", run]
+            done = subprocess.run([sys.executable, "-c", WITHOUT_GENSIM, *args], cwd=tmp_path, env=environment,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert sorted(server.requests) == sorted(f"/{name}" for name in files), "downloaded once, then reused"
+            events = EventAccumulator(str(next((tmp_path / "logs" / run).glob("version_*"))))
+            assert "val/wordsim353_spearman" in events.Reload().Tags()["scalars"], f"run {run} scored nothing"
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == sorted(files)
+
+
 def test_missing_evaluation_files_are_a_warning_naming_the_fix(monkeypatch):
     import lm_tying._lightning_cli as lightning_cli
 
-    def no_gensim(name):
-        raise FileNotFoundError(name)
+    tried = []
 
-    monkeypatch.setattr(lightning_cli, "default_eval_file", no_gensim)
-    with pytest.warns(UserWarning, match=r'simlex999.txt come with gensim.*pip install -e "\.\[eval\]"'):
-        lightning_cli.warn_if_eval_files_missing({"evaluate": True, "eval_analogies": None, "eval_pairs": None})
+    def unreachable(name, download=True):
+        tried.append(download)
+        raise FileNotFoundError(f"evaluation file {name!r} could not be downloaded from https://...: no network.")
+
+    monkeypatch.setattr(lightning_cli, "default_eval_file", unreachable)
+    expected = (r"logs no score on questions-words.txt, wordsim353.tsv, simlex999.txt: evaluation file "
+                r"'questions-words.txt' could not be downloaded .*no network. Or give your own files")
+    with pytest.warns(UserWarning, match=expected):
+        lightning_cli.fetch_eval_files({"evaluate": True, "eval_analogies": None, "eval_pairs": None})
+    assert tried == [True, False, False], "after one failed download the others are not waited for"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lightning_cli.warn_if_eval_files_missing({"evaluate": True, "eval_analogies": "q.txt", "eval_pairs": []})
-        lightning_cli.warn_if_eval_files_missing({"evaluate": False})
+        lightning_cli.fetch_eval_files({"evaluate": True, "eval_analogies": "q.txt", "eval_pairs": []})
+        lightning_cli.fetch_eval_files({"evaluate": False})
 
 
 def test_generate_from_lm_checkpoint(trained):

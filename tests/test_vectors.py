@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import subprocess
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lm_tying.vectors import WordVectors, _top_rows, default_eval_file
+from conftest import LocalServer
+from lm_tying.data.corpus import file_sha256
+from lm_tying.vectors import EVAL_SOURCES, WordVectors, _top_rows, default_eval_file
 
 gensim = pytest.importorskip("gensim")
 from gensim.models import KeyedVectors  # noqa: E402
@@ -214,7 +217,7 @@ def test_default_files_from_gensim():
     assert sections[-1]["section"] == "Total accuracy" and len(sections) == 15
 
 
-def test_default_files_are_gensims_found_without_importing_gensim(monkeypatch):
+def test_default_files_are_gensims_found_without_importing_gensim():
     from gensim.test.utils import datapath
 
     for name in ("questions-words.txt", "wordsim353.tsv", "simlex999.txt"):
@@ -225,10 +228,48 @@ def test_default_files_are_gensims_found_without_importing_gensim(monkeypatch):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert imported.stdout.strip() == "False"
+
+
+def test_the_pinned_downloads_are_gensims_files():
+    from gensim.test.utils import datapath
+
+    if gensim.__version__ != "4.4.0":
+        pytest.skip(f"the downloads are pinned to gensim 4.4.0's files; gensim {gensim.__version__} is installed")
+    for name, (url, sha256) in EVAL_SOURCES.items():
+        assert "/gensim/4.4.0/" in url and url.endswith(f"/test_data/{name}")
+        assert file_sha256(datapath(name)) == sha256, name
+
+
+@pytest.fixture
+def without_gensim(monkeypatch, tmp_path):
+    """gensim hidden from the lookup, downloads cached in an empty directory (returned)."""
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else find_spec(name, *a))
-    with pytest.raises(FileNotFoundError, match="gensim is not installed to provide its 'wordsim353.tsv'"):
-        default_eval_file("wordsim353.tsv")
+    monkeypatch.setenv("LM_TYING_EVAL_CACHE", str(tmp_path / "eval"))
+    return tmp_path / "eval"
+
+
+def test_without_gensim_the_files_are_downloaded_once_verified_and_cached(without_gensim, monkeypatch):
+    name, body = "wordsim353.tsv", b"# pairs\nlove\tsex\t6.77\ntiger\tcat\t7.35\n"
+    with pytest.raises(FileNotFoundError, match=f"neither in {without_gensim} nor given by gensim: pass your own"):
+        default_eval_file(name, download=False)  # what an evaluation asks: never the network
+    with LocalServer({"/wordsim353.tsv": body, "/other": b"something else"}) as server:
+        monkeypatch.setitem(EVAL_SOURCES, name, (server.url + "/wordsim353.tsv", hashlib.sha256(body).hexdigest()))
+        path = without_gensim / name
+        assert default_eval_file(name) == str(path) and path.read_bytes() == body
+        assert default_eval_file(name, download=False) == str(path)
+        assert server.requests == ["/wordsim353.tsv"], "a verified cached copy is used as it is"
+        path.write_bytes(body[:-3] + b"0\n")  # changed since: not trusted, fetched again
+        assert default_eval_file(name) == str(path) and path.read_bytes() == body
+        assert len(server.requests) == 2
+        path.unlink()
+        monkeypatch.setitem(EVAL_SOURCES, name, (server.url + "/other", hashlib.sha256(body).hexdigest()))
+        with pytest.raises(FileNotFoundError, match="has sha256 .*, expected .*gensim 4.4.0's file.*Run again"):
+            default_eval_file(name)
+        monkeypatch.setitem(EVAL_SOURCES, name, (server.url + "/missing", hashlib.sha256(body).hexdigest()))
+        with pytest.raises(FileNotFoundError, match="could not be downloaded from .*/missing: Not Found. Check your"):
+            default_eval_file(name)
+    assert list(without_gensim.iterdir()) == [], "nothing but whole, verified files is left in the cache"
 
 
 @pytest.mark.parametrize("binary", [False, True])

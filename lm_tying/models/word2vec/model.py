@@ -176,9 +176,10 @@ class Word2Vec(WordEmbeddingModule):
                 (a default list of common words when None; words outside the vocabulary are skipped).
             probe_topn: Neighbours shown per probe word.
             evaluate: Analogy and word-similarity evaluation at each validation.
-            eval_analogies: questions-words.txt-format file; None: gensim's copy when gensim is installed.
-            eval_pairs: Word-pair similarity files (word1<TAB>word2<TAB>score); None: gensim's
-                wordsim353.tsv and simlex999.txt when gensim is installed.
+            eval_analogies: questions-words.txt-format file; None: the standard one (gensim's copy when gensim is
+                installed, else downloaded by ``lm-tying fit`` into ``~/.cache/lm_tying/eval`` once).
+            eval_pairs: Word-pair similarity files (word1<TAB>word2<TAB>score); None: the standard
+                wordsim353.tsv and simlex999.txt (found as ``eval_analogies``'s).
             eval_restrict_vocab: Evaluate analogies/pairs among the first (most frequent) this many words.
         """
         super().__init__()
@@ -583,18 +584,18 @@ class Word2Vec(WordEmbeddingModule):
         self.logger.experiment.add_text("nearest_neighbours", "\n".join(lines), self.global_step)
 
     def evaluate(self, wv: WordVectors | None = None) -> dict[str, float]:
-        """Analogy accuracy and Spearman correlations on the configured (or gensim's) files."""
+        """Analogy accuracy and Spearman correlations on the configured (or the standard) files."""
         wv = wv or self.word_vectors()
         h = self.hparams
         out: dict[str, float] = {}
-        analogies = h.eval_analogies or _gensim_file_or_none(EVAL_FILES["analogies"])
+        analogies = h.eval_analogies or _eval_file_or_none(EVAL_FILES["analogies"])
         if analogies:
             acc, sections = wv.evaluate_word_analogies(analogies, restrict_vocab=h.eval_restrict_vocab)
             out["analogy_acc"] = acc
             out["analogy_coverage"] = sections[-1]["coverage"]
         pair_files = h.eval_pairs
         if pair_files is None:
-            pair_files = [p for p in (_gensim_file_or_none(EVAL_FILES[k]) for k in ("wordsim353", "simlex999")) if p]
+            pair_files = [p for p in (_eval_file_or_none(EVAL_FILES[k]) for k in ("wordsim353", "simlex999")) if p]
         for path in pair_files:
             name = _stem(path)
             try:
@@ -621,9 +622,11 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(repr(a) for a in allowed)}")
 
 
-def _gensim_file_or_none(name: str) -> str | None:
+def _eval_file_or_none(name: str) -> str | None:
+    """A standard evaluation file if at hand (gensim's, or downloaded before training by the CLI): an evaluation
+    never waits on the network."""
     try:
-        return default_eval_file(name)
+        return default_eval_file(name, download=False)
     except FileNotFoundError:
         return None
 
