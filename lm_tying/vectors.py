@@ -13,6 +13,7 @@ instructions a faster bf16 product preselects candidates that float32 then ranks
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import logging
 import os
@@ -117,7 +118,7 @@ def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -
     try:
         try:
             _, got = fetch(url, partial, name, timeout)
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # e.g. IncompleteRead
             raise FileNotFoundError(
                 f"evaluation file {name!r} could not be downloaded from {url}: {getattr(e, 'reason', e)}. "
                 f"Check your network, {fixes}"
