@@ -97,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable,
                    help="the Python that runs our command (whole, first, startup): that of an environment with this "
                         "project installed as the README says (`pip install -e .`: no gensim, hence no scipy, whose "
-                        "import torchmetrics adds to Lightning's when installed); default: this one, with gensim")
+                        "import torchmetrics adds to Lightning's when installed); default: this one, which gensim needs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each (seeds seed, seed+1, ...), alternating ours and gensim; summary: median time "
@@ -509,8 +509,8 @@ def summarise(ours: list[dict], theirs: list[dict], timing: str) -> None:
     print(f"\nover {len(ours)} seed(s): median {timing} time ratio {float(np.median(ratios)):.2f} "
           f"(per seed {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
     fastest, their_fastest = min(r[timing] for r in ours), min(r[timing] for r in theirs)
-    print(f"fastest against fastest {fastest / their_fastest:.2f} ({fastest:.1f} s against {their_fastest:.1f} s: each "
-          f"program's quietest run, where the per-seed ratios also carry which of the two met a busy spell)")
+    print(f"fastest against fastest {fastest / their_fastest:.2f} ({fastest:.1f} s against {their_fastest:.1f} s: "
+          f"each program at its quietest)")
     if all("cpu" in r for r in ours + theirs):
         cpu = [a["cpu"] / b["cpu"] for a, b in zip(ours, theirs)]
         print(f"median CPU time ratio {float(np.median(cpu)):.2f} (per seed {', '.join(f'{r:.2f}' for r in cpu)})")
