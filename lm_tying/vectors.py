@@ -113,15 +113,15 @@ def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -
     fixes = "pass your own file, or `pip install gensim` (its copy is then used)"
     if not download:
         raise FileNotFoundError(f"evaluation file {name!r} is neither in {path.parent} nor given by gensim: {fixes}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{name}.{os.getpid()}.part")
     try:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             _, got = fetch(url, partial, name, timeout)
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # e.g. IncompleteRead
             raise FileNotFoundError(
-                f"evaluation file {name!r} could not be downloaded from {url}: {getattr(e, 'reason', e)}. "
-                f"Check your network, {fixes}"
+                f"evaluation file {name!r} could not be downloaded from {url} into {path.parent}: "
+                f"{getattr(e, 'reason', e)}. Check your network and $LM_TYING_EVAL_CACHE, {fixes}"
             ) from None
         if got != sha256:
             raise FileNotFoundError(
@@ -130,7 +130,8 @@ def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -
             )
         os.replace(partial, path)  # whole and verified, or not there at all
     finally:
-        partial.unlink(missing_ok=True)
+        if partial.exists():  # (False, not an error, when the cache directory could not be made)
+            partial.unlink()
     return str(path)
 
 

@@ -267,9 +267,13 @@ def test_without_gensim_the_files_are_downloaded_once_verified_and_cached(withou
         with pytest.raises(FileNotFoundError, match="has sha256 .*, expected .*gensim 4.4.0's file.*Run again"):  # cut
             default_eval_file(name)
         monkeypatch.setitem(EVAL_SOURCES, name, (server.url + "/missing", hashlib.sha256(body).hexdigest()))
-        with pytest.raises(FileNotFoundError, match="could not be downloaded from .*/missing: Not Found. Check your"):
+        with pytest.raises(FileNotFoundError, match="downloaded from .*/missing into .*: Not Found. Check your"):
             default_eval_file(name)
     assert list(without_gensim.iterdir()) == [], "nothing but whole, verified files is left in the cache"
+    (without_gensim.parent / "a-file").write_text("")
+    monkeypatch.setenv("LM_TYING_EVAL_CACHE", str(without_gensim.parent / "a-file" / "eval"))
+    with pytest.raises(FileNotFoundError, match="could not be downloaded .* into .*a-file/eval: .*LM_TYING_EVAL_CACHE"):
+        default_eval_file(name)  # a cache that cannot be made is the same clear error, not a traceback
 
 
 @pytest.mark.parametrize("binary", [False, True])
