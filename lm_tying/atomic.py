@@ -7,7 +7,7 @@ import errno
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Optional
 
@@ -56,7 +56,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(FileNotFoundError, NotADirectoryError):  # never written, or its directory could not be made
+            tmp.unlink()
 
 
 class RunLockedError(Exception):

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm_tying.atomic import atomic_path
+
 __all__ = ["WordVectors", "default_eval_file", "eval_cache_dir", "EVAL_FILES", "EVAL_SOURCES"]
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,7 @@ def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -
     fixes = "pass your own file, or `pip install gensim` (its copy is then used)"
     if not download:
         raise FileNotFoundError(f"evaluation file {name!r} is neither in {path.parent} nor given by gensim: {fixes}")
-    partial = path.with_name(f"{name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as partial:  # path replaced only by a whole, verified copy
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _, got = fetch(url, partial, name, timeout)
@@ -128,10 +129,6 @@ def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -
                 f"the {name!r} downloaded from {url} has sha256 {got}, expected {sha256} (gensim 4.4.0's file): "
                 f"it was changed or corrupted on the way. Run again to retry, or {fixes}"
             )
-        os.replace(partial, path)  # whole and verified, or not there at all
-    finally:
-        if partial.exists():  # (False, not an error, when the cache directory could not be made)
-            partial.unlink()
     return str(path)
 
 

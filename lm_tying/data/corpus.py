@@ -57,7 +57,6 @@ def download(
         _check_download(url, dest, expected_size, expected_sha256)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f"{dest.name}.{os.getpid()}.part")
 
     def check_announced(announced: int | None) -> None:
         if expected_size is not None and announced is not None and announced != expected_size:
@@ -66,7 +65,7 @@ def download(
                 f"not serve text8.zip. Check --data.url, or pass a local copy with --data.path."
             )
 
-    try:
+    with atomic_path(dest) as partial:
         try:
             announced, sha256 = fetch(url, partial, dest.name, timeout, check_announced)
         except urllib.error.HTTPError as e:
@@ -92,11 +91,9 @@ def download(
                 f"the file downloaded from {url} has sha256 {sha256}, expected {expected_sha256}: "
                 f"it is not text8.zip or was corrupted on the way. Run again to retry, or check --data.url."
             )
-        # The record first: a run killed between the two writes leaves no file to reuse, only a record.
+        # The record first (the block's end renames the file): a run killed between the two writes leaves no file
+        # to reuse, only a record.
         write_json(_record_path(dest), _record(url, partial, sha256))
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
     return dest
 
 
