@@ -5,8 +5,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -341,12 +343,13 @@ def test_drop_unk_removes_out_of_vocabulary_tokens_before_windowing(tmp_path, ma
 UNFINISHED_AT_EXIT = """
 import numpy as np
 from lm_tying.data import LanguageModelStream, ResumableLoader
-loader = ResumableLoader(LanguageModelStream(np.arange(5000, dtype=np.int32) % 50, 4, 10), num_workers=1)
-batches = iter(loader)
-next(batches)
-cycle = {"batches": batches}
-cycle["cycle"] = cycle  # as a run's objects often are: freed only by the garbage collector, maybe never
-print("exiting", flush=True)
+if __name__ == "__main__":  # the workers start from a fork server, which imports this file
+    loader = ResumableLoader(LanguageModelStream(np.arange(5000, dtype=np.int32) % 50, 4, 10), num_workers=1)
+    batches = iter(loader)
+    next(batches)
+    cycle = {"batches": batches}
+    cycle["cycle"] = cycle  # as a run's objects often are: freed only by the garbage collector, maybe never
+    print("exiting", flush=True)
 """
 
 
@@ -376,6 +379,28 @@ def test_datamodule_teardown_stops_the_workers_of_loaders_left_mid_epoch(tmp_pat
             next(train)  # closed: a later next() cannot restart it on stopped workers
     finally:
         train.close(), val.close()  # whatever failed above, no worker outlives the test
+
+
+class _ParentStream(LanguageModelStream):
+    """Serves the id of its process's parent and whether SIGTERM is ignored there."""
+
+    def __iter__(self):
+        yield torch.tensor([os.getppid(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN])
+
+
+def test_workers_are_not_forked_from_the_training_process():
+    # A fork copies the locks the process's other threads hold at that instant, held forever in the copy: on CPython
+    # 3.11.7 a worker forked while a thread exited hung in os.fork (one 2-process DDP run in ~50). The fork server
+    # that starts them instead has one thread; its workers still start ignoring the stop signals.
+    threads = [threading.Thread(target=time.sleep, args=(0.2,)) for _ in range(4)]  # a process with threads
+    for t in threads:
+        t.start()
+    loader = ResumableLoader(_ParentStream(np.arange(500, dtype=np.int32) % 50, 4, 10), num_workers=1)
+    (parent, ignores_sigterm), = [batch.tolist() for batch in loader]
+    for t in threads:
+        t.join()
+    assert parent != os.getpid()
+    assert ignores_sigterm
 
 
 class _StallingStream(LanguageModelStream):

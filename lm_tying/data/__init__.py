@@ -1,17 +1,25 @@
-"""text8: download, vocabulary, encoded cache, and the batches both models train on."""
+"""text8: download, vocabulary, encoded cache, and the batches both models train on.
 
-from lm_tying.data.corpus import TEXT8_URL, CorpusError
-from lm_tying.data.datamodule import Text8DataModule
-from lm_tying.data.streams import LanguageModelStream, ResumableLoader, SkipGramStream
-from lm_tying.data.vocab import UNK, Vocabulary
+The names below are imported on first use: the loaders' worker processes import ``lm_tying.data.streams``, which
+needs torch and numpy, not the Lightning that ``Text8DataModule`` brings (a second and a half in every fork server).
+"""
 
-__all__ = [
-    "TEXT8_URL",
-    "UNK",
-    "CorpusError",
-    "LanguageModelStream",
-    "ResumableLoader",
-    "SkipGramStream",
-    "Text8DataModule",
-    "Vocabulary",
-]
+import importlib
+
+_MODULES = {
+    "TEXT8_URL": "corpus",
+    "CorpusError": "corpus",
+    "Text8DataModule": "datamodule",
+    "LanguageModelStream": "streams",
+    "ResumableLoader": "streams",
+    "SkipGramStream": "streams",
+    "UNK": "vocab",
+    "Vocabulary": "vocab",
+}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import multiprocessing
 import signal
 import threading
 import weakref
@@ -360,10 +361,28 @@ def _stop_workers(batches: Iterator) -> None:
                 worker.join()
 
 
+def worker_context() -> Any:
+    """How the loaders start their worker processes: from multiprocessing's fork server where there is one.
+
+    Forked from the training process, a worker inherits a copy of every lock its other threads (gloo's, the loaders'
+    queue feeders, TensorBoard's writer) hold at that instant, and can wait on one forever: on CPython 3.8-3.11 without
+    the fix of gh-112275 (3.11.7 has the bug), the interpreter's own lock, held by a thread that exits at that instant,
+    hangs the new process inside ``os.fork`` (seen here: a DDP run waiting on its worker, 1 run in ~50). The fork
+    server is a process of its own with one thread, started once; it has imported torch and this module, so a worker
+    costs a fork and the stream's pickle, not an interpreter's start. (Python 3.14 made it the default for the same
+    reason.) None (fork) where there is no fork server (Windows, where torch spawns)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch", __name__])  # no effect once the server runs
+    return context
+
+
 @contextmanager
 def _stop_signals_blocked(active: bool) -> Iterator[None]:
-    """Hold SIGTERM/SIGINT back (not lost: delivered on leaving) while worker processes are forked, so that each
-    worker starts with them blocked until :func:`ignore_stop_signals` ignores them."""
+    """Hold SIGTERM/SIGINT back (not lost: delivered on leaving) while worker processes start, so that each worker
+    starts with them blocked until :func:`ignore_stop_signals` ignores them. The fork server, started on the first
+    worker's start, inherits the blocked signals and passes them on to every worker it forks."""
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -385,6 +404,8 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, stream: SkipGramStream | LanguageModelStream, position: Position | None = None, **kwargs):
         kwargs.setdefault("worker_init_fn", ignore_stop_signals)
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("multiprocessing_context", worker_context())
         super().__init__(stream, batch_size=None, **kwargs)
         self._position = position
         self._epoch = 0
