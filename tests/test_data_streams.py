@@ -403,6 +403,14 @@ def test_workers_are_not_forked_from_the_training_process():
     assert ignores_sigterm
 
 
+def test_the_fork_server_imports_the_streams_without_lightning():
+    # What the fork server preloads (lm_tying.data.streams): a second and a half more, per process, with Lightning.
+    code = "import sys, lm_tying.data.streams; print(sorted(m for m in sys.modules if m.startswith('lightning')))"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
 class _StallingStream(LanguageModelStream):
     """Serves one batch, then stalls: its worker never reads torch's request to stop."""
 
