@@ -72,7 +72,7 @@ def test_shipped_config_trains_with_finite_loss(stack, precision, tmp_path, monk
             *[f"--config={CONFIGS / c}" for c in stack],
             *sizes,
             *["--data.path", str(corpus), "--data.vocab_size", "60", "--data.batch_size", "4", "--data.bptt", "8"],
-            *["--data.eval_batch_size", "2", "--data.num_workers", "0"],
+            *["--data.eval_batch_size", "2"],  # the config's loader workers kept
             *["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2"],
             *["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"],
             *["--trainer.accelerator", "cpu", "--trainer.precision", precision],
@@ -80,6 +80,7 @@ def test_shipped_config_trains_with_finite_loss(stack, precision, tmp_path, monk
     )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 3
+    assert cli.datamodule.num_workers == load(BASE)["data"]["init_args"]["num_workers"] > 0  # worker processes ran
     assert math.isfinite(metrics["train/loss"].item()) and math.isfinite(metrics["val/loss"].item())
     model = cli.model
     assert model.is_tied == ("lstm_lm_untied.yaml" not in stack)
