@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lm_tying.atomic import atomic_path
+from lm_tying.data.corpus import fetch, file_sha256
 
 __all__ = ["WordVectors", "default_eval_file", "eval_cache_dir", "EVAL_FILES", "EVAL_SOURCES"]
 
@@ -106,8 +107,6 @@ def default_eval_file(name: str, download: bool = True, timeout: float = 10.0) -
         return path
     if name not in EVAL_SOURCES:
         raise FileNotFoundError(f"{name!r} is not one of the standard evaluation files ({', '.join(EVAL_SOURCES)})")
-    from lm_tying.data.corpus import fetch, file_sha256  # here: lm_tying.data imports Lightning
-
     url, sha256 = EVAL_SOURCES[name]
     path = eval_cache_dir() / name
     if path.exists() and file_sha256(path) == sha256:
